@@ -1,0 +1,37 @@
+"""Builds the LLM worker's Pipecat service: any OpenAI-compatible endpoint through ``openai``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipecat.adapters.llm.schemas.function_schema import FunctionSchema
+from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.services.openai.llm import OpenAILLMService
+
+from voxbus.config import Settings
+
+
+def make_llm_service(settings: Settings, base_url: str) -> OpenAILLMService:
+    return OpenAILLMService(
+        api_key=settings.openai_api_key or "sk-local",
+        base_url=base_url,
+        settings=OpenAILLMService.Settings(
+            model=settings.llm_model,
+            max_tokens=settings.llm_max_tokens,
+            temperature=settings.llm_temperature,
+        ),
+    )
+
+
+def context_from_wire(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> LLMContext:
+    """Rebuild a Pipecat context from OpenAI-format messages and function tools."""
+    schemas = []
+    for tool in tools:
+        fn = tool.get("function", tool)
+        params = fn.get("parameters") or {}
+        schemas.append(FunctionSchema(
+            name=fn["name"], description=fn.get("description", ""),
+            properties=params.get("properties", {}), required=params.get("required", []),
+        ))
+    return LLMContext(messages=list(messages), tools=schemas) if schemas else LLMContext(
+        messages=list(messages))

@@ -1,0 +1,121 @@
+"""LLM stage: one completion per request, deltas streamed to the turn's reply subject.
+
+The worker uses Pipecat's OpenAI service for the request (adapter, settings, client) and relays
+the stream chunk by chunk; a ``Cancel`` for the turn closes the HTTP stream at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+from nats.aio.msg import Msg
+from prometheus_client import Histogram
+
+from services.llm.engine import context_from_wire, make_llm_service
+from voxbus.runner import Service
+from voxbus.stage_work import TurnTasks
+from voxbus.subjects import Stage
+from voxbus.wire import Cancel, Frame, LlmDelta, LlmDone, LlmRequest
+
+log = logging.getLogger("voxbus.llm")
+
+LLM_TTFT = Histogram("llm_ttft_seconds", "Request to first token", buckets=(
+    0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2, 5))
+
+
+class LlmWorker(Service):
+    stage = Stage.LLM
+
+    def __init__(self, settings=None, *, base_url: str | None = None):
+        super().__init__(settings)
+        self.base_url = base_url or self.settings.openai_base_url
+        if not self.base_url:
+            raise SystemExit("OPENAI_BASE_URL is not set (voxbus up starts a local endpoint)")
+        self.tasks = TurnTasks()
+
+    async def on_start(self) -> None:
+        self.service = make_llm_service(self.settings, self.base_url)
+        await self.subscribe(self.subjects.work(self.stage), self._on_request, work=True)
+        await self.subscribe(self.subjects.all_ctl(), self._on_ctl)
+
+    async def _on_request(self, frame: Frame, msg: Msg) -> None:
+        if not isinstance(frame, LlmRequest):
+            raise TypeError(f"expected LlmRequest, got {type(frame).__name__}")
+        reply = msg.reply or self.subjects.reply(frame.session, Stage.LLM, frame.turn)
+        self.tasks.start(frame.session, frame.turn, self._complete(frame, reply))
+
+    async def _on_ctl(self, frame: Frame, _msg: Msg) -> None:
+        if isinstance(frame, Cancel):
+            self.tasks.cancel(frame.session, frame.turn)
+
+    async def _complete(self, req: LlmRequest, reply: str) -> None:
+        self.inflight += 1
+        started = time.monotonic()
+        ttft: float | None = None
+        count = 0
+        error = None
+        calls: dict[int, dict] = {}
+        try:
+            context = context_from_wire(req.messages, req.tools)
+            stream = await self.service.get_chat_completions(context)
+            try:
+                async for chunk in stream:
+                    if not chunk.choices:
+                        continue
+                    delta = chunk.choices[0].delta
+                    if delta is None:
+                        continue
+                    for tc in delta.tool_calls or []:
+                        call = calls.setdefault(tc.index, {"id": "", "name": "", "arguments": ""})
+                        call["id"] = tc.id or call["id"]
+                        if tc.function and tc.function.name:
+                            call["name"] += tc.function.name
+                        if tc.function and tc.function.arguments:
+                            call["arguments"] += tc.function.arguments
+                    if delta.content:
+                        if ttft is None:
+                            ttft = time.monotonic() - started
+                            LLM_TTFT.observe(ttft)
+                        await self.bus.publish(reply, LlmDelta(turn=req.turn, index=count,
+                                                               text=delta.content))
+                        count += 1
+            finally:
+                await stream.close()
+            if calls:
+                if ttft is None:
+                    ttft = time.monotonic() - started
+                assembled = [_parse_call(c) for _, c in sorted(calls.items())]
+                await self.bus.publish(reply, LlmDelta(turn=req.turn, index=count,
+                                                       tool_calls=assembled))
+                count += 1
+        except asyncio.CancelledError:
+            error = "cancelled"
+            raise
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+            log.error("%s turn %d: completion failed: %s", req.session, req.turn, error)
+        finally:
+            self.inflight -= 1
+            done = LlmDone(turn=req.turn, count=count, error=error,
+                           ttft_ms=ttft * 1000 if ttft is not None else None)
+            try:
+                await self.bus.publish(reply, done)
+            except Exception as e:
+                log.warning("could not send LlmDone: %s", e)
+
+    async def on_drain(self) -> None:
+        await self.tasks.wait_idle()
+
+    async def on_stop(self) -> None:
+        await self.tasks.cancel_all()
+
+
+def _parse_call(call: dict) -> dict:
+    try:
+        args = json.loads(call["arguments"] or "{}")
+    except json.JSONDecodeError:
+        args = {"_raw": call["arguments"]}
+    return {"id": call["id"], "name": call["name"], "arguments": args}

@@ -1,0 +1,187 @@
+"""STT stage: each claimed session gets its own Pipecat STT pipeline fed from ``audio.in``.
+
+Session-affine: a session's audio stream is claimed by one replica (request on the queue group),
+which then subscribes to that session's audio and VAD events until the session ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from nats.aio.msg import Msg
+from pipecat.frames.frames import (
+    InputAudioRawFrame,
+    InterimTranscriptionFrame,
+    TranscriptionFrame,
+    VADUserStartedSpeakingFrame,
+    VADUserStoppedSpeakingFrame,
+)
+from prometheus_client import Histogram
+
+from services.stt.engine import make_stt_service, warm_up
+from voxbus.bus import now_us
+from voxbus.pipecat_host import FrameTap, HostedPipeline
+from voxbus.runner import Service
+from voxbus.subjects import Event, Stage
+from voxbus.wire import (
+    AudioIn,
+    Frame,
+    Metric,
+    SessionEnd,
+    SttClaim,
+    SttClaimed,
+    Transcript,
+    VadEvent,
+    VadState,
+)
+
+log = logging.getLogger("voxbus.stt")
+
+STT_TTFS = Histogram("stt_ttfs_seconds", "VAD stop to final transcript", buckets=(
+    0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5))
+
+VAD_ALIGN_TIMEOUT_S = 0.3
+"""How long a VAD event waits for the audio it refers to before being applied anyway."""
+
+
+class SessionStream:
+    """One session's audio → Pipecat STT service → transcripts on the bus."""
+
+    def __init__(self, worker: SttWorker, session: str, sample_rate: int):
+        self.worker = worker
+        self.session = session
+        self.sample_rate = sample_rate
+        self.fed_seq = -1
+        self._fed = asyncio.Condition()
+        self._stop_seq = 0
+        self._stopped_at: float | None = None
+        self.last_audio = time.monotonic()
+        tap = FrameTap((TranscriptionFrame, InterimTranscriptionFrame), self._on_transcript)
+        self.pipeline = HostedPipeline(
+            [make_stt_service(worker.settings), tap], name=f"stt-{session}", sample_rate=sample_rate
+        )
+        self._subs = []
+
+    async def start(self) -> None:
+        await self.pipeline.start()
+        subjects = self.worker.subjects
+        self._subs = [
+            await self.worker.subscribe(subjects.audio_in(self.session), self._on_audio),
+            await self.worker.subscribe(subjects.event(self.session, Event.VAD), self._on_vad),
+            await self.worker.subscribe(subjects.ctl(self.session), self._on_ctl),
+        ]
+
+    async def close(self, *, graceful: bool = True) -> None:
+        for sub in self._subs:
+            try:
+                await sub.unsubscribe()
+            except Exception as e:  # already gone with the connection
+                log.debug("unsubscribe: %s", e)
+        self._subs = []
+        await self.pipeline.stop(graceful=graceful)
+
+    async def _on_audio(self, frame: Frame, _msg: Msg) -> None:
+        if not isinstance(frame, AudioIn):
+            return
+        self.last_audio = time.monotonic()
+        await self.pipeline.queue(
+            InputAudioRawFrame(audio=frame.pcm, sample_rate=frame.sample_rate, num_channels=1)
+        )
+        async with self._fed:
+            self.fed_seq = max(self.fed_seq, frame.seq)
+            self._fed.notify_all()
+
+    async def _on_vad(self, frame: Frame, _msg: Msg) -> None:
+        if not isinstance(frame, VadEvent):
+            return
+        # Audio and VAD events come from different publishers: align on the audio sequence.
+        async with self._fed:
+            try:
+                await asyncio.wait_for(
+                    self._fed.wait_for(lambda: self.fed_seq >= frame.seq), VAD_ALIGN_TIMEOUT_S
+                )
+            except TimeoutError:
+                log.warning("%s: VAD event for seq %d applied at seq %d",
+                            self.session, frame.seq, self.fed_seq)
+        if frame.state is VadState.STARTED:
+            await self.pipeline.queue(VADUserStartedSpeakingFrame())
+        else:
+            self._stop_seq = frame.seq
+            self._stopped_at = time.monotonic()
+            await self.pipeline.queue(VADUserStoppedSpeakingFrame())
+
+    async def _on_ctl(self, frame: Frame, _msg: Msg) -> None:
+        if isinstance(frame, SessionEnd):
+            await self.worker.release(self.session)
+
+    async def _on_transcript(self, frame: TranscriptionFrame | InterimTranscriptionFrame) -> None:
+        final = isinstance(frame, TranscriptionFrame)
+        text = frame.text.strip()
+        bus, subjects = self.worker.bus, self.worker.subjects
+        await bus.publish(
+            subjects.event(self.session, Event.TRANSCRIPT),
+            Transcript(text=text, final=final, seq=self._stop_seq if final else 0,
+                       ts_us=now_us(), language=str(frame.language) if frame.language else None),
+        )
+        if final and self._stopped_at is not None:
+            ttfs = time.monotonic() - self._stopped_at
+            self._stopped_at = None
+            STT_TTFS.observe(ttfs)
+            await bus.publish(subjects.event(self.session, Event.METRIC),
+                              Metric(name="stt_ttfs", value_ms=ttfs * 1000))
+
+
+class SttWorker(Service):
+    stage = Stage.STT
+
+    def __init__(self, settings=None, *, idle_release_s: float = 300.0):
+        super().__init__(settings)
+        self.streams: dict[str, SessionStream] = {}
+        self.idle_release_s = idle_release_s
+
+    def sessions(self) -> list[str]:
+        return sorted(self.streams)
+
+    async def on_start(self) -> None:
+        await asyncio.to_thread(warm_up, self.settings)
+        await self.subscribe(self.subjects.work(self.stage), self._on_claim, work=True)
+        self.spawn(self._reap_idle(), name="stt-reaper")
+
+    async def _on_claim(self, frame: Frame, msg: Msg) -> None:
+        if not isinstance(frame, SttClaim):
+            raise TypeError(f"expected SttClaim, got {type(frame).__name__}")
+        if frame.session not in self.streams:
+            stream = SessionStream(self, frame.session, frame.sample_rate)
+            self.streams[frame.session] = stream
+            await stream.start()
+            log.info("%s claimed session %s", self.worker_id, frame.session)
+        if msg.reply:
+            await self.bus.publish(msg.reply, SttClaimed(session=frame.session,
+                                                         worker=self.worker_id))
+
+    async def release(self, session: str) -> None:
+        stream = self.streams.pop(session, None)
+        if stream:
+            await stream.close()
+            log.info("%s released session %s", self.worker_id, session)
+
+    async def _reap_idle(self) -> None:
+        """A session whose audio stopped long ago lost its client: release the claim."""
+        while True:
+            await asyncio.sleep(5)
+            cutoff = time.monotonic() - self.idle_release_s
+            for session, stream in list(self.streams.items()):
+                if stream.last_audio < cutoff:
+                    await self.release(session)
+
+    async def on_drain(self) -> None:
+        # Claimed sessions finish: their transcripts are still owed.
+        for session in list(self.streams):
+            await self.release(session)
+
+    async def on_stop(self) -> None:
+        for stream in list(self.streams.values()):
+            await stream.close(graceful=False)
+        self.streams.clear()

@@ -1,0 +1,147 @@
+"""TTS and STT workers over a real nats-server with their real models."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.stt.worker import SttWorker
+from services.tts.worker import TtsWorker
+from voxbus.audio import duration_s, frames
+from voxbus.bus import now_us
+from voxbus.subjects import Event, Stage
+from voxbus.wire import (
+    AudioIn,
+    Cancel,
+    SttClaim,
+    SttClaimed,
+    Transcript,
+    TtsAudio,
+    TtsDone,
+    TtsRequest,
+    VadEvent,
+    VadState,
+)
+
+pytestmark = pytest.mark.slow
+
+SENTENCE = "Please book a table for four people tomorrow evening."
+
+
+async def synthesize(bus, text: str, *, session="s1", turn=1) -> tuple[bytes, TtsDone]:
+    subjects = bus.subjects
+    reply = subjects.reply(session, Stage.TTS, turn)
+    got: asyncio.Queue = asyncio.Queue()
+
+    async def on(frame, _msg):
+        await got.put(frame)
+
+    sub = await bus.subscribe(reply, on)
+    await bus.publish(subjects.work(Stage.TTS),
+                      TtsRequest(session=session, turn=turn, index=0, text=text), reply=reply)
+    pcm = bytearray()
+    while True:
+        frame = await asyncio.wait_for(got.get(), 30)
+        if isinstance(frame, TtsAudio):
+            assert frame.sample_rate == 16000
+            pcm += frame.pcm
+        elif isinstance(frame, TtsDone):
+            await sub.unsubscribe()
+            return bytes(pcm), frame
+
+
+async def stream_utterance(bus, session: str, pcm: bytes, *, realtime: bool = False) -> int:
+    """Publish speech framed as the gateway would, with VAD start/stop around it."""
+    subjects = bus.subjects
+    seq = 0
+    silence = bytes(640 * 10)
+    body = list(frames(silence)) + list(frames(pcm)) + list(frames(silence))
+    for i, chunk in enumerate(body):
+        await bus.publish(subjects.audio_in(session),
+                          AudioIn(seq=seq, ts_us=now_us(), sample_rate=16000, pcm=chunk))
+        if i == 10:
+            await bus.publish(subjects.event(session, Event.VAD),
+                              VadEvent(state=VadState.STARTED, seq=seq, ts_us=now_us()))
+        seq += 1
+        if realtime:
+            await asyncio.sleep(0.02)
+    await bus.publish(subjects.event(session, Event.VAD),
+                      VadEvent(state=VadState.STOPPED, seq=seq - 1, ts_us=now_us()))
+    return seq
+
+
+async def next_final(bus, session: str, timeout: float = 30) -> Transcript:
+    got: asyncio.Queue = asyncio.Queue()
+
+    async def on(frame, _msg):
+        if isinstance(frame, Transcript) and frame.final:
+            await got.put(frame)
+
+    sub = await bus.subscribe(bus.subjects.event(session, Event.TRANSCRIPT), on)
+    try:
+        return await asyncio.wait_for(got.get(), timeout)
+    finally:
+        await sub.unsubscribe()
+
+
+def words(text: str) -> set[str]:
+    return {w.strip(".,!?").lower() for w in text.split()}
+
+
+async def test_tts_streams_audio_of_plausible_length(settings, bus):
+    async with TtsWorker(settings):
+        pcm, done = await synthesize(bus, SENTENCE)
+    assert done.error is None and done.count > 0
+    # ~9 words spoken: between 1.5 s and 8 s of audio, and not silence.
+    assert 1.5 < duration_s(pcm) < 8
+    assert max(abs(int.from_bytes(pcm[i:i + 2], "little", signed=True))
+               for i in range(0, len(pcm), 200)) > 1000
+
+
+async def test_stt_transcribes_what_tts_said(settings, bus):
+    async with TtsWorker(settings), SttWorker(settings):
+        pcm, _ = await synthesize(bus, SENTENCE)
+        claimed = await bus.request(bus.subjects.work(Stage.STT), SttClaim(session="s1"))
+        assert isinstance(claimed, SttClaimed)
+        waiter = asyncio.create_task(next_final(bus, "s1"))
+        await asyncio.sleep(0.05)
+        await stream_utterance(bus, "s1", pcm)
+        transcript = await waiter
+    expected = words(SENTENCE)
+    assert len(expected & words(transcript.text)) >= len(expected) - 2, transcript.text
+
+
+async def test_two_stt_replicas_share_sessions(settings, bus):
+    a, b = SttWorker(settings), SttWorker(settings)
+    async with a, b:
+        owners = []
+        for i in range(8):
+            claimed = await bus.request(bus.subjects.work(Stage.STT), SttClaim(session=f"s{i}"))
+            owners.append(claimed.worker)
+        assert set(owners) == {a.worker_id, b.worker_id}
+        assert len(a.streams) + len(b.streams) == 8
+
+
+async def test_tts_cancel_stops_synthesis(settings, bus):
+    long_text = " ".join([SENTENCE] * 12)
+    async with TtsWorker(settings) as worker:
+        subjects = bus.subjects
+        reply = subjects.reply("s1", Stage.TTS, 5)
+        got: asyncio.Queue = asyncio.Queue()
+
+        async def on(frame, _msg):
+            await got.put(frame)
+
+        await bus.subscribe(reply, on)
+        await bus.publish(subjects.work(Stage.TTS),
+                          TtsRequest(session="s1", turn=5, index=0, text=long_text), reply=reply)
+        first = await asyncio.wait_for(got.get(), 30)
+        assert isinstance(first, TtsAudio)
+        await bus.publish(subjects.ctl("s1"), Cancel(session="s1", turn=5))
+        while True:
+            frame = await asyncio.wait_for(got.get(), 10)
+            if isinstance(frame, TtsDone):
+                break
+        assert frame.error == "cancelled"
+        assert worker.inflight == 0

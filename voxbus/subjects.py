@@ -1,0 +1,106 @@
+"""Every NATS subject voxbus uses is built here, and nowhere else.
+
+Layout (``<p>`` is the deployment prefix, ``vox`` by default)::
+
+    <p>.sess.<session>.audio.in          user audio (AudioIn)
+    <p>.sess.<session>.audio.out         agent audio (AudioOut, AudioFlush)
+    <p>.sess.<session>.evt.<kind>        events: vad, turn, transcript, bot, metric, error
+    <p>.sess.<session>.ctl               control: Cancel, SessionEnd
+    <p>.sess.<session>.reply.<stage>.<turn>   streamed replies of one turn's stage work
+    <p>.work.<stage>                     work requests; queue group = stage name
+    <p>.hb.<stage>                       worker heartbeats
+    <p>.err                              errors not tied to a session
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class Stage(StrEnum):
+    STT = "stt"
+    LLM = "llm"
+    TTS = "tts"
+    ORCHESTRATOR = "orchestrator"
+    GATEWAY = "gateway"
+
+
+class Event(StrEnum):
+    VAD = "vad"
+    TURN = "turn"
+    TRANSCRIPT = "transcript"
+    BOT = "bot"
+    METRIC = "metric"
+    ERROR = "error"
+
+
+def _token(value: str, what: str) -> str:
+    if not _TOKEN.match(value):
+        raise ValueError(f"invalid {what} {value!r}: use 1-64 of [A-Za-z0-9_-]")
+    return value
+
+
+@dataclass(frozen=True)
+class Subjects:
+    """Subject builder for one deployment prefix."""
+
+    prefix: str = "vox"
+
+    def __post_init__(self):
+        for part in self.prefix.split("."):
+            _token(part, "prefix")
+
+    # sessions
+    def session_root(self, session: str) -> str:
+        return f"{self.prefix}.sess.{_token(session, 'session')}"
+
+    def audio_in(self, session: str) -> str:
+        return f"{self.session_root(session)}.audio.in"
+
+    def audio_out(self, session: str) -> str:
+        return f"{self.session_root(session)}.audio.out"
+
+    def event(self, session: str, kind: Event) -> str:
+        return f"{self.session_root(session)}.evt.{Event(kind).value}"
+
+    def events(self, session: str) -> str:
+        return f"{self.session_root(session)}.evt.>"
+
+    def ctl(self, session: str) -> str:
+        return f"{self.session_root(session)}.ctl"
+
+    def all_ctl(self) -> str:
+        return f"{self.prefix}.sess.*.ctl"
+
+    def reply(self, session: str, stage: Stage, turn: int, index: int = 0) -> str:
+        return f"{self.session_root(session)}.reply.{Stage(stage).value}.{int(turn)}.{int(index)}"
+
+    def all_sessions(self) -> str:
+        return f"{self.prefix}.sess.>"
+
+    # stages
+    def work(self, stage: Stage) -> str:
+        return f"{self.prefix}.work.{Stage(stage).value}"
+
+    def queue_group(self, stage: Stage) -> str:
+        return f"{self.prefix}-{Stage(stage).value}"
+
+    def heartbeat(self, stage: Stage) -> str:
+        return f"{self.prefix}.hb.{Stage(stage).value}"
+
+    def errors(self) -> str:
+        return f"{self.prefix}.err"
+
+    @staticmethod
+    def session_of(subject: str) -> str | None:
+        """The session id inside a session subject, if any."""
+        parts = subject.split(".")
+        try:
+            i = parts.index("sess")
+        except ValueError:
+            return None
+        return parts[i + 1] if i + 1 < len(parts) else None

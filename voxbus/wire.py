@@ -1,0 +1,337 @@
+"""The voxbus wire schema: every frame kind on NATS, one msgpack codec, one closed tag table.
+
+A frame on the wire is the msgpack array ``[version, tag, body]`` where ``body`` is a map of the
+frame's fields. ``docs/wire.md`` documents it for clients in other languages.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum, StrEnum
+from typing import Any, ClassVar
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+SCHEMA_VERSION = 1
+MAX_FRAME_BYTES = 1024 * 1024
+"""Matches nats-server's default max_payload; larger frames are refused before decoding."""
+
+
+class WireError(ValueError):
+    """A frame that cannot be decoded. Never retryable: the same bytes fail the same way."""
+
+    retryable = False
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class Frame(BaseModel):
+    """Base of every wire frame: immutable, strictly validated, unknown fields refused."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    TAG: ClassVar[int]
+    CONTROL: ClassVar[bool] = False
+    """Control frames (cancel, flush, end) jump queues; data frames keep their order."""
+
+
+class Tag(IntEnum):
+    AUDIO_IN = 1
+    AUDIO_OUT = 2
+    AUDIO_FLUSH = 3
+    VAD = 10
+    TURN = 11
+    TRANSCRIPT = 12
+    BOT_TEXT = 13
+    SESSION_START = 20
+    SESSION_STARTED = 21
+    SESSION_END = 22
+    STT_CLAIM = 30
+    STT_CLAIMED = 31
+    LLM_REQUEST = 40
+    LLM_DELTA = 41
+    LLM_DONE = 42
+    TTS_REQUEST = 50
+    TTS_AUDIO = 51
+    TTS_DONE = 52
+    CANCEL = 60
+    ERROR = 70
+    HEARTBEAT = 80
+    METRIC = 90
+
+
+# --- audio -------------------------------------------------------------------------------
+
+
+class AudioIn(Frame):
+    """20 ms of the user's audio, published by the gateway (or `voxbus talk`) on ``audio.in``."""
+
+    TAG = Tag.AUDIO_IN
+    seq: int = Field(ge=0)
+    """Monotonic per session, starting at 0; VAD events refer to it."""
+    ts_us: int
+    """Capture time, microseconds since the Unix epoch."""
+    sample_rate: int = Field(gt=0)
+    pcm: bytes
+    """Mono PCM16 little-endian."""
+
+
+class AudioOut(Frame):
+    """A chunk of the agent's audio on ``audio.out``, in playback order."""
+
+    TAG = Tag.AUDIO_OUT
+    turn: int
+    seq: int = Field(ge=0)
+    sample_rate: int = Field(gt=0)
+    pcm: bytes
+
+
+class AudioFlush(Frame):
+    """Barge-in: drop every queued ``AudioOut`` of this turn (and earlier) at once."""
+
+    TAG = Tag.AUDIO_FLUSH
+    CONTROL = True
+    turn: int
+
+
+# --- events ------------------------------------------------------------------------------
+
+
+class VadState(StrEnum):
+    STARTED = "started"
+    STOPPED = "stopped"
+
+
+class VadEvent(Frame):
+    """The orchestrator's VAD decision, aligned to the audio by ``seq``."""
+
+    TAG = Tag.VAD
+    state: VadState = Field(strict=False)
+    """Sent as its string value."""
+    seq: int = Field(ge=0)
+    """Last ``AudioIn.seq`` the VAD had seen when it decided."""
+    ts_us: int
+
+
+class TurnEvent(Frame):
+    """The orchestrator decided the user's turn ended (``eou``) or the bot's turn state changed."""
+
+    TAG = Tag.TURN
+    turn: int
+    state: str
+    """``user_ended``, ``bot_started``, ``bot_stopped``, ``interrupted``."""
+    ts_us: int
+
+
+class Transcript(Frame):
+    """A transcript from the STT stage on ``evt.transcript``."""
+
+    TAG = Tag.TRANSCRIPT
+    text: str
+    final: bool
+    seq: int = Field(ge=0)
+    """The ``VadEvent.seq`` that closed the segment (0 for interim results)."""
+    ts_us: int
+    language: str | None = None
+
+
+class BotText(Frame):
+    """What the agent says, sentence by sentence, as it is sent to TTS."""
+
+    TAG = Tag.BOT_TEXT
+    turn: int
+    text: str
+    final: bool = False
+
+
+# --- sessions ----------------------------------------------------------------------------
+
+
+class SessionStart(Frame):
+    """A client asks the orchestrator queue group to run a new session."""
+
+    TAG = Tag.SESSION_START
+    session: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    sample_rate: int = 16000
+    agent: str = "chat"
+
+
+class SessionStarted(Frame):
+    TAG = Tag.SESSION_STARTED
+    session: str
+    orchestrator: str
+    """Id of the replica that owns the session."""
+
+
+class SessionEnd(Frame):
+    TAG = Tag.SESSION_END
+    CONTROL = True
+    session: str
+    reason: str = "hangup"
+
+
+class SttClaim(Frame):
+    """The orchestrator asks the STT queue group for a replica to own a session's stream."""
+
+    TAG = Tag.STT_CLAIM
+    session: str
+    sample_rate: int = 16000
+
+
+class SttClaimed(Frame):
+    TAG = Tag.STT_CLAIMED
+    session: str
+    worker: str
+
+
+# --- stage work --------------------------------------------------------------------------
+
+
+class LlmRequest(Frame):
+    """One completion: OpenAI-format messages and tools; deltas stream to ``reply``."""
+
+    TAG = Tag.LLM_REQUEST
+    session: str
+    turn: int
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] = Field(default_factory=list)
+    settings: dict[str, Any] = Field(default_factory=dict)
+    """Overrides of the worker's LLM settings (temperature, max_tokens...)."""
+
+
+class LlmDelta(Frame):
+    TAG = Tag.LLM_DELTA
+    turn: int
+    index: int = Field(ge=0)
+    text: str = ""
+    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+    """Complete tool calls ``{"id", "name", "arguments"}``, sent once assembled."""
+
+
+class LlmDone(Frame):
+    TAG = Tag.LLM_DONE
+    turn: int
+    count: int = Field(ge=0)
+    """Number of deltas sent, so the receiver knows it has them all."""
+    ttft_ms: float | None = None
+    error: str | None = None
+
+
+class TtsRequest(Frame):
+    """Synthesize one sentence; audio chunks stream to ``reply``."""
+
+    TAG = Tag.TTS_REQUEST
+    session: str
+    turn: int
+    index: int = Field(ge=0)
+    """Sentence index within the turn: the orchestrator plays sentences in this order."""
+    text: str = Field(min_length=1, max_length=4000)
+    sample_rate: int = 16000
+    voice: str | None = None
+
+
+class TtsAudio(Frame):
+    TAG = Tag.TTS_AUDIO
+    turn: int
+    index: int
+    seq: int
+    sample_rate: int
+    pcm: bytes
+
+
+class TtsDone(Frame):
+    TAG = Tag.TTS_DONE
+    turn: int
+    index: int
+    count: int
+    ttfa_ms: float | None = None
+    error: str | None = None
+
+
+class Cancel(Frame):
+    """Stop all work of a session's turn (``turn`` and every earlier one)."""
+
+    TAG = Tag.CANCEL
+    CONTROL = True
+    session: str
+    turn: int
+
+
+# --- operations --------------------------------------------------------------------------
+
+
+class ErrorEvent(Frame):
+    """A service's report of something it refused or failed; the service itself kept running."""
+
+    TAG = Tag.ERROR
+    service: str
+    code: str
+    message: str
+    subject: str = ""
+    retryable: bool = False
+
+
+class Heartbeat(Frame):
+    TAG = Tag.HEARTBEAT
+    worker: str
+    stage: str
+    sessions: list[str] = Field(default_factory=list)
+    inflight: int = 0
+    draining: bool = False
+    interval_s: float = 1.0
+
+
+class Metric(Frame):
+    """A latency figure a stage measured, for the session's clients (e.g. ``stt_ttfs``)."""
+
+    TAG = Tag.METRIC
+    name: str
+    value_ms: float
+    turn: int = 0
+
+
+_TABLE: dict[int, type[Frame]] = {}
+for _cls in Frame.__subclasses__():
+    if _cls.TAG in _TABLE:  # pragma: no cover - guarded at import
+        raise RuntimeError(f"duplicate wire tag {_cls.TAG}")
+    _TABLE[int(_cls.TAG)] = _cls
+FRAME_TYPES: dict[int, type[Frame]] = dict(_TABLE)
+"""The closed codec table: the only classes a payload can name."""
+
+
+def encode(frame: Frame) -> bytes:
+    body = {name: getattr(frame, name) for name in type(frame).model_fields}
+    data = msgpack.packb([SCHEMA_VERSION, int(frame.TAG), body], use_bin_type=True)
+    if len(data) > MAX_FRAME_BYTES:
+        raise WireError("oversized", f"{type(frame).__name__} encodes to {len(data)} bytes")
+    return data
+
+
+def decode(data: bytes) -> Frame:
+    """Decode one frame or raise :class:`WireError` saying exactly what was wrong."""
+    if len(data) > MAX_FRAME_BYTES:
+        raise WireError("oversized", f"{len(data)} bytes > {MAX_FRAME_BYTES}")
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated types for bad input
+        raise WireError("malformed", f"not msgpack: {e}") from None
+    if not isinstance(obj, list) or len(obj) != 3:
+        raise WireError("malformed", "expected [version, tag, body]")
+    version, tag, body = obj
+    if version != SCHEMA_VERSION:
+        raise WireError(
+            "version", f"schema version {version!r}, this build speaks {SCHEMA_VERSION}"
+        )
+    cls = FRAME_TYPES.get(tag) if isinstance(tag, int) else None
+    if cls is None:
+        raise WireError("unknown_tag", f"unknown frame tag {tag!r}")
+    if not isinstance(body, dict):
+        raise WireError("malformed", f"{cls.__name__} body must be a map")
+    try:
+        return cls.model_validate(body)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise WireError("invalid", f"{cls.__name__}.{where}: {first['msg']}") from None
