@@ -1,0 +1,243 @@
+"""Pipecat processors whose work happens on the bus: remote STT, LLM and TTS, and the audio sink.
+
+They sit in a normal Pipecat pipeline, so Pipecat's turn-taking, interruptions, aggregation and
+sentence splitting work unchanged; only the work itself crosses NATS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator
+from typing import TYPE_CHECKING
+
+from nats.aio.msg import Msg
+from pipecat.frames.frames import (
+    ErrorFrame,
+    Frame,
+    InputAudioRawFrame,
+    InterruptionFrame,
+    LLMContextFrame,
+    LLMFullResponseEndFrame,
+    LLMFullResponseStartFrame,
+    LLMTextFrame,
+    OutputAudioRawFrame,
+    TranscriptionFrame,
+    TTSAudioRawFrame,
+    VADUserStartedSpeakingFrame,
+    VADUserStoppedSpeakingFrame,
+)
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.services.settings import TTSSettings
+from pipecat.services.tts_service import TTSService
+from pipecat.transports.base_output import BaseOutputTransport
+from pipecat.transports.base_transport import TransportParams
+from pipecat.utils.time import time_now_iso8601
+
+from voxbus.bus import now_us
+from voxbus.subjects import Event, Stage
+from voxbus.wire import (
+    AudioFlush,
+    AudioOut,
+    BotText,
+    Cancel,
+    LlmDelta,
+    LlmDone,
+    LlmRequest,
+    Transcript,
+    TtsAudio,
+    TtsDone,
+    TtsRequest,
+    VadEvent,
+    VadState,
+    WireError,
+    decode,
+)
+
+if TYPE_CHECKING:
+    from services.orchestrator.session import SessionRunner
+
+STAGE_REPLY_TIMEOUT_S = 10.0
+"""A stage that sends nothing for this long is treated as vanished; the turn moves on."""
+
+
+class RemoteSTT(FrameProcessor):
+    """Publishes VAD decisions (aligned by audio seq) and turns remote transcripts into frames."""
+
+    def __init__(self, session: SessionRunner, **kwargs):
+        super().__init__(**kwargs)
+        self.s = session
+        self.last_seq = 0
+
+    async def on_transcript(self, frame, _msg: Msg) -> None:
+        if isinstance(frame, Transcript) and frame.final and frame.text:
+            self.s.note_transcript(frame)
+            await self.push_frame(TranscriptionFrame(frame.text, "", time_now_iso8601(),
+                                                     finalized=True))
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection):
+        await super().process_frame(frame, direction)
+        if isinstance(frame, InputAudioRawFrame):
+            self.last_seq = frame.metadata.get("seq", self.last_seq)
+        elif isinstance(frame, VADUserStartedSpeakingFrame | VADUserStoppedSpeakingFrame):
+            started = isinstance(frame, VADUserStartedSpeakingFrame)
+            self.s.note_vad(started, frame)
+            await self.s.publish_event(Event.VAD, VadEvent(
+                state=VadState.STARTED if started else VadState.STOPPED,
+                seq=self.last_seq, ts_us=now_us()))
+        await self.push_frame(frame, direction)
+
+
+class RemoteLLM(FrameProcessor):
+    """Sends the context to the LLM queue group and streams the reply back as LLMTextFrames."""
+
+    def __init__(self, session: SessionRunner, **kwargs):
+        super().__init__(**kwargs)
+        self.s = session
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection):
+        await super().process_frame(frame, direction)
+        if isinstance(frame, LLMContextFrame):
+            await self._complete(frame)
+        else:
+            await self.push_frame(frame, direction)
+
+    async def _complete(self, frame: LLMContextFrame) -> None:
+        turn = self.s.begin_bot_turn()
+        bus, subjects = self.s.bus, self.s.subjects
+        reply = subjects.reply(self.s.session, Stage.LLM, turn)
+        queue: asyncio.Queue = asyncio.Queue()
+        sub = await _reply_queue(bus, reply, queue)
+        messages = [dict(m) for m in frame.context.get_messages()]
+        request = LlmRequest(session=self.s.session, turn=turn, messages=messages)
+        started = time.monotonic()
+        await self.push_frame(LLMFullResponseStartFrame())
+        finished = False
+        try:
+            await bus.publish(subjects.work(Stage.LLM), request, reply=reply)
+            first = True
+            while True:
+                item = await asyncio.wait_for(queue.get(), STAGE_REPLY_TIMEOUT_S)
+                if isinstance(item, LlmDelta) and item.text:
+                    if first:
+                        first = False
+                        await self.s.metric("llm_ttft", (time.monotonic() - started) * 1000, turn)
+                    await self.push_frame(LLMTextFrame(item.text))
+                elif isinstance(item, LlmDone):
+                    if item.error:
+                        await self.push_frame(ErrorFrame(f"LLM stage: {item.error}"))
+                    finished = True
+                    break
+        except TimeoutError:
+            await self.s.report("llm_timeout", f"no LLM reply for turn {turn}")
+        finally:
+            await sub.unsubscribe()
+            if not finished:
+                # Interrupted (cancelled) or timed out: stop the worker's stream too.
+                await bus.publish(subjects.ctl(self.s.session),
+                                  Cancel(session=self.s.session, turn=turn))
+        await self.push_frame(LLMFullResponseEndFrame())
+
+
+class RemoteTTS(TTSService):
+    """Pipecat's TTS machinery (sentence aggregation, interruptions); synthesis on the bus."""
+
+    def __init__(self, session: SessionRunner, **kwargs):
+        super().__init__(
+            settings=TTSSettings(model=None, voice=None, language=None),
+            push_start_frame=True, push_stop_frames=True, sample_rate=16000, **kwargs,
+        )
+        self.s = session
+        self._index = 0
+
+    def can_generate_metrics(self) -> bool:
+        return True
+
+    async def run_tts(self, text: str, context_id: str) -> AsyncGenerator[Frame | None, None]:
+        turn = self.s.turn
+        index = self._index
+        self._index += 1
+        bus, subjects = self.s.bus, self.s.subjects
+        await self.s.publish_event(Event.BOT, BotText(turn=turn, text=text.strip()))
+        reply = subjects.reply(self.s.session, Stage.TTS, turn, index)
+        queue: asyncio.Queue = asyncio.Queue()
+        sub = await _reply_queue(bus, reply, queue)
+        started = time.monotonic()
+        finished = False
+        try:
+            await bus.publish(subjects.work(Stage.TTS), TtsRequest(
+                session=self.s.session, turn=turn, index=index, text=text), reply=reply)
+            first = True
+            while True:
+                item = await asyncio.wait_for(queue.get(), STAGE_REPLY_TIMEOUT_S)
+                if isinstance(item, TtsAudio):
+                    if first:
+                        first = False
+                        await self.s.metric("tts_ttfa", (time.monotonic() - started) * 1000, turn)
+                    yield TTSAudioRawFrame(item.pcm, item.sample_rate, 1, context_id=context_id)
+                elif isinstance(item, TtsDone):
+                    finished = True
+                    if item.error:
+                        yield ErrorFrame(f"TTS stage: {item.error}")
+                    break
+        except TimeoutError:
+            await self.s.report("tts_timeout", f"no TTS reply for turn {turn} sentence {index}")
+        finally:
+            await sub.unsubscribe()
+            if not finished:
+                await bus.publish(subjects.ctl(self.s.session),
+                                  Cancel(session=self.s.session, turn=turn))
+
+
+class BusAudioOutput(BaseOutputTransport):
+    """Pipecat's output transport (bot-speaking state, interruption handling), writing to
+    ``audio.out`` paced in real time so the gateway needs only a small jitter buffer."""
+
+    LEAD_S = 0.06
+    """How far ahead of real time audio may run, to absorb bus and scheduling jitter."""
+
+    def __init__(self, session: SessionRunner, **kwargs):
+        super().__init__(TransportParams(audio_out_enabled=True, audio_out_sample_rate=16000,
+                                         audio_out_10ms_chunks=2, audio_out_end_silence_secs=0),
+                         **kwargs)
+        self.s = session
+        self._seq = 0
+        self._clock: float | None = None
+
+    async def start(self, frame):
+        await super().start(frame)
+        await self.set_transport_ready(frame)
+
+    async def write_audio_frame(self, frame: OutputAudioRawFrame) -> bool:
+        now = time.monotonic()
+        if self._clock is None or self._clock < now:
+            self._clock = now
+        await self.s.publish_audio(AudioOut(turn=self.s.turn, seq=self._seq,
+                                            sample_rate=frame.sample_rate, pcm=frame.audio))
+        self._seq += 1
+        self._clock += len(frame.audio) / 2 / frame.sample_rate
+        ahead = self._clock - time.monotonic() - self.LEAD_S
+        if ahead > 0:
+            await asyncio.sleep(ahead)
+        return True
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection):
+        if isinstance(frame, InterruptionFrame):
+            self._clock = None
+            await self.s.interrupted()
+            await self.s.publish_audio(AudioFlush(turn=self.s.turn))
+        await super().process_frame(frame, direction)
+
+
+async def _reply_queue(bus, subject: str, queue: asyncio.Queue):
+    """Subscribe a turn's reply subject into ``queue``; a bad frame ends the reply with an error."""
+
+    async def on(msg: Msg) -> None:
+        try:
+            await queue.put(decode(msg.data))
+        except WireError as e:
+            await bus.report(e.code, e.message, subject=msg.subject)
+            await queue.put(LlmDone(turn=-1, count=0, error=f"bad reply frame: {e}"))
+            await queue.put(TtsDone(turn=-1, index=0, count=0, error=f"bad reply frame: {e}"))
+
+    return await bus.nc.subscribe(subject, cb=on)

@@ -1,0 +1,142 @@
+"""One session's conversation: a Pipecat pipeline with Silero VAD, Smart Turn v3 and remote stages.
+
+    audio.in → VADProcessor(Silero) → RemoteSTT → user aggregator (Smart Turn v3)
+             → RemoteLLM → RemoteTTS → BusAudioOutput → assistant aggregator
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from nats.aio.msg import Msg
+from pipecat.audio.turn.smart_turn.base_smart_turn import SmartTurnParams
+from pipecat.audio.turn.smart_turn.local_smart_turn_v3 import LocalSmartTurnAnalyzerV3
+from pipecat.audio.vad.silero import SileroVADAnalyzer
+from pipecat.audio.vad.vad_analyzer import VADParams
+from pipecat.frames.frames import InputAudioRawFrame
+from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.processors.aggregators.llm_response_universal import (
+    LLMContextAggregatorPair,
+    LLMUserAggregatorParams,
+)
+from pipecat.processors.audio.vad_processor import VADProcessor
+from pipecat.turns.user_stop.turn_analyzer_user_turn_stop_strategy import (
+    TurnAnalyzerUserTurnStopStrategy,
+)
+from pipecat.turns.user_turn_strategies import UserTurnStrategies
+
+from services.orchestrator.proxies import BusAudioOutput, RemoteLLM, RemoteSTT, RemoteTTS
+from voxbus.bus import now_us
+from voxbus.pipecat_host import HostedPipeline
+from voxbus.subjects import Event
+from voxbus.wire import AudioIn, Frame, Metric, SessionEnd, Transcript, TurnEvent
+
+if TYPE_CHECKING:
+    from services.orchestrator.worker import OrchestratorWorker
+
+log = logging.getLogger("voxbus.orchestrator")
+
+
+class SessionRunner:
+    """Owns one session's pipeline, its subscriptions and its per-turn latency bookkeeping."""
+
+    def __init__(self, worker: OrchestratorWorker, session: str, sample_rate: int):
+        self.worker = worker
+        self.bus = worker.bus
+        self.subjects = worker.subjects
+        self.session = session
+        self.sample_rate = sample_rate
+        self.turn = 0
+        self._speech_stopped_at: float | None = None
+        self._subs = []
+        settings = worker.settings
+
+        context = LLMContext(messages=[{"role": "system", "content": settings.system_prompt}])
+        stop = TurnAnalyzerUserTurnStopStrategy(turn_analyzer=LocalSmartTurnAnalyzerV3(
+            params=SmartTurnParams(stop_secs=settings.turn_stop_s)))
+        aggregators = LLMContextAggregatorPair(context, user_params=LLMUserAggregatorParams(
+            user_turn_strategies=UserTurnStrategies(stop=[stop])))
+        vad = SileroVADAnalyzer(params=VADParams(stop_secs=settings.vad_stop_s))
+        self.stt = RemoteSTT(self)
+        self.pipeline = HostedPipeline([
+            VADProcessor(vad_analyzer=vad),
+            self.stt,
+            aggregators.user(),
+            RemoteLLM(self),
+            RemoteTTS(self),
+            BusAudioOutput(self),
+            aggregators.assistant(),
+        ], name=f"orch-{session}", sample_rate=sample_rate, out_sample_rate=16000)
+
+    async def start(self) -> None:
+        await self.pipeline.start()
+        sub = self.worker.subscribe
+        self._subs = [
+            await sub(self.subjects.audio_in(self.session), self._on_audio),
+            await sub(self.subjects.event(self.session, Event.TRANSCRIPT), self.stt.on_transcript),
+            await sub(self.subjects.ctl(self.session), self._on_ctl),
+        ]
+
+    async def close(self) -> None:
+        for s in self._subs:
+            try:
+                await s.unsubscribe()
+            except Exception as e:
+                log.debug("unsubscribe: %s", e)
+        self._subs = []
+        await self.pipeline.stop()
+
+    # --- inputs ---------------------------------------------------------------------
+
+    async def _on_audio(self, frame: Frame, _msg: Msg) -> None:
+        if isinstance(frame, AudioIn):
+            audio = InputAudioRawFrame(audio=frame.pcm, sample_rate=frame.sample_rate,
+                                       num_channels=1)
+            audio.metadata["seq"] = frame.seq
+            await self.pipeline.queue(audio)
+
+    async def _on_ctl(self, frame: Frame, _msg: Msg) -> None:
+        if isinstance(frame, SessionEnd):
+            await self.worker.end_session(self.session)
+
+    # --- called by the proxies ------------------------------------------------------
+
+    def note_vad(self, started: bool, frame) -> None:
+        if started:
+            self._speech_stopped_at = None
+        else:
+            # The VAD fires stop_secs after the last speech; date the speech end back.
+            self._speech_stopped_at = time.monotonic() - (frame.stop_secs or 0.0)
+
+    def note_transcript(self, _t: Transcript) -> None:
+        """Transcripts are the user's words for this turn; latency is measured at turn end."""
+
+    def begin_bot_turn(self) -> int:
+        """The user's turn ended and the context goes to the LLM: a new turn id."""
+        self.turn += 1
+        if self._speech_stopped_at is not None:
+            eou = (time.monotonic() - self._speech_stopped_at) * 1000
+            self.worker.spawn(self.metric("eou_delay", eou, self.turn))
+        self.worker.spawn(self.publish_event(Event.TURN, TurnEvent(
+            turn=self.turn, state="user_ended", ts_us=now_us())))
+        return self.turn
+
+    async def interrupted(self) -> None:
+        await self.publish_event(Event.TURN, TurnEvent(turn=self.turn, state="interrupted",
+                                                       ts_us=now_us()))
+
+    async def publish_event(self, kind: Event, frame: Frame) -> None:
+        await self.bus.publish(self.subjects.event(self.session, kind), frame)
+
+    async def publish_audio(self, frame: Frame) -> None:
+        await self.bus.publish(self.subjects.audio_out(self.session), frame)
+
+    async def metric(self, name: str, value_ms: float, turn: int) -> None:
+        await self.publish_event(Event.METRIC, Metric(name=name, value_ms=value_ms, turn=turn))
+
+    async def report(self, code: str, message: str) -> None:
+        log.warning("%s: %s: %s", self.session, code, message)
+        await self.bus.report(code, message, subject=self.subjects.ctl(self.session),
+                              retryable=True)

@@ -1,0 +1,181 @@
+"""``voxbus talk``: a headless client standing in for the gateway, one WAV per user turn."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+from nats.aio.msg import Msg
+
+from voxbus.audio import WIRE_RATE, duration_s, frames, read_wav, write_wav
+from voxbus.bus import Bus, now_us
+from voxbus.subjects import Stage, Subjects
+from voxbus.wire import (
+    AudioFlush,
+    AudioIn,
+    AudioOut,
+    BotText,
+    ErrorEvent,
+    Frame,
+    Metric,
+    SessionEnd,
+    SessionStart,
+    Transcript,
+    TurnEvent,
+)
+
+SPEECH_RMS = 300
+"""PCM16 RMS above which a 20 ms frame counts as speech, to date the end of the user's speech."""
+
+
+@dataclass
+class TurnResult:
+    session: str
+    user_text: str = ""
+    bot_text: str = ""
+    reply_audio_s: float = 0.0
+    latency_ms: dict[str, float | None] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+
+class TalkSession:
+    """Collects what the system sends back for one session."""
+
+    def __init__(self, bus: Bus, session: str):
+        self.bus = bus
+        self.session = session
+        self.changed = asyncio.Event()
+        self.reset()
+
+    def reset(self) -> None:
+        self.user_text: list[str] = []
+        self.bot_text: list[str] = []
+        self.audio = bytearray()
+        self.first_audio_at: float | None = None
+        self.last_audio_at: float | None = None
+        self.metrics: dict[str, float] = {}
+        self.errors: list[str] = []
+        self.turn_ended = False
+
+    async def on_frame(self, frame: Frame, _msg: Msg) -> None:
+        now = time.monotonic()
+        if isinstance(frame, AudioOut):
+            if self.first_audio_at is None:
+                self.first_audio_at = now
+            self.last_audio_at = now
+            self.audio += frame.pcm
+        elif isinstance(frame, AudioFlush):
+            pass
+        elif isinstance(frame, Transcript) and frame.final:
+            self.user_text.append(frame.text)
+        elif isinstance(frame, BotText):
+            self.bot_text.append(frame.text)
+        elif isinstance(frame, Metric):
+            self.metrics.setdefault(frame.name, frame.value_ms)
+        elif isinstance(frame, TurnEvent) and frame.state == "user_ended":
+            self.turn_ended = True
+        elif isinstance(frame, ErrorEvent):
+            self.errors.append(f"{frame.service}: {frame.code}: {frame.message}")
+        self.changed.set()
+
+
+def speech_end_offset_s(pcm: bytes) -> float:
+    """Where the last voiced 20 ms frame ends, in seconds from the start of ``pcm``."""
+    x = np.frombuffer(pcm[: len(pcm) // 640 * 640], dtype="<i2").astype(np.float32)
+    if x.size == 0:
+        return 0.0
+    rms = np.sqrt((x.reshape(-1, 320) ** 2).mean(axis=1))
+    voiced = np.nonzero(rms > SPEECH_RMS)[0]
+    return float((voiced[-1] + 1) * 0.02) if voiced.size else 0.0
+
+
+async def talk(
+    nats_url: str, wavs: list[str], *, prefix: str = "vox", agent: str = "chat",
+    reply_silence_s: float = 1.2, turn_timeout_s: float = 60.0, on_turn=None,
+    out_wav: str | None = None,
+) -> list[TurnResult]:
+    subjects = Subjects(prefix)
+    bus = await Bus.connect(nats_url, subjects, "talk", attempts=3)
+    session = uuid.uuid4().hex[:12]
+    results: list[TurnResult] = []
+    collector = TalkSession(bus, session)
+    all_audio = bytearray()
+    try:
+        for subject in (subjects.audio_out(session), subjects.events(session)):
+            await bus.subscribe(subject, collector.on_frame)
+        await bus.request(subjects.work(Stage.ORCHESTRATOR),
+                          SessionStart(session=session, sample_rate=WIRE_RATE, agent=agent),
+                          timeout=15.0)
+        seq = 0
+        for path in wavs:
+            pcm = read_wav(path)
+            collector.reset()
+            speech_end = speech_end_offset_s(pcm)
+            # Trailing silence so the VAD hears the end of speech, as a live mic would send.
+            body = list(frames(pcm)) + [bytes(640)] * 50
+            t0 = time.monotonic()
+            speech_end_at = t0 + speech_end
+            sent_silence = 0
+            for i, chunk in enumerate(body):
+                await bus.publish(subjects.audio_in(session), AudioIn(
+                    seq=seq, ts_us=now_us(), sample_rate=WIRE_RATE, pcm=chunk))
+                seq += 1
+                target = t0 + (i + 1) * 0.02
+                delay = target - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if i >= len(body) - 50:
+                    sent_silence += 1
+                    if collector.first_audio_at is not None:
+                        break
+            # Keep the mic "open" with silence until the reply has finished playing.
+            deadline = time.monotonic() + turn_timeout_s
+            while time.monotonic() < deadline:
+                await bus.publish(subjects.audio_in(session), AudioIn(
+                    seq=seq, ts_us=now_us(), sample_rate=WIRE_RATE, pcm=bytes(640)))
+                seq += 1
+                await asyncio.sleep(0.02)
+                last = collector.last_audio_at
+                if last is not None and time.monotonic() - last > reply_silence_s:
+                    break
+            result = TurnResult(
+                session=session, user_text=" ".join(collector.user_text).strip(),
+                bot_text=" ".join(collector.bot_text).strip(),
+                reply_audio_s=round(duration_s(bytes(collector.audio)), 3),
+                errors=collector.errors,
+            )
+            m = collector.metrics
+            e2e = ((collector.first_audio_at - speech_end_at) * 1000
+                   if collector.first_audio_at else None)
+            result.latency_ms = {
+                k: (round(v, 1) if v is not None else None) for k, v in {
+                    "eou_delay": m.get("eou_delay"), "stt_ttfs": m.get("stt_ttfs"),
+                    "llm_ttft": m.get("llm_ttft"), "tts_ttfa": m.get("tts_ttfa"),
+                    "e2e_latency": e2e}.items()}
+            all_audio += collector.audio
+            results.append(result)
+            if on_turn:
+                on_turn(result)
+        await bus.publish(subjects.ctl(session), SessionEnd(session=session, reason="done"))
+    finally:
+        await bus.close()
+    if out_wav:
+        write_wav(out_wav, bytes(all_audio))
+    return results
+
+
+def format_turn(i: int, r: TurnResult) -> str:
+    lat = "  ".join(f"{k}={v:.0f}ms" for k, v in r.latency_ms.items() if v is not None)
+    lines = [f"turn {i}  (session {r.session})", f"  you:   {r.user_text or '(nothing heard)'}",
+             f"  agent: {r.bot_text or '(no reply)'}  [{r.reply_audio_s:.1f}s of audio]",
+             f"  {lat}"]
+    lines += [f"  error: {e}" for e in r.errors]
+    return "\n".join(lines)
+
+
+def to_json(r: TurnResult) -> str:
+    return json.dumps(r.__dict__)
