@@ -18,6 +18,15 @@ def nats_server():
         yield server
 
 
+@pytest.fixture(scope="session")
+def llm_endpoint():
+    """The embedded OpenAI-compatible server (llama-cpp-python + packaged SmolLM2)."""
+    from voxbus.llm_server import LocalLlmServer
+
+    with LocalLlmServer() as server:
+        yield server.base_url
+
+
 @pytest.fixture
 def prefix() -> str:
     """A subject prefix of its own per test, so tests sharing the server never cross."""

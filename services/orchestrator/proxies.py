@@ -22,6 +22,8 @@ from pipecat.frames.frames import (
     LLMFullResponseStartFrame,
     LLMTextFrame,
     OutputAudioRawFrame,
+    StartFrame,
+    STTMetadataFrame,
     TranscriptionFrame,
     TTSAudioRawFrame,
     VADUserStartedSpeakingFrame,
@@ -61,6 +63,10 @@ STAGE_REPLY_TIMEOUT_S = 10.0
 """A stage that sends nothing for this long is treated as vanished; the turn moves on."""
 
 
+STT_TTFS_P99_S = 1.5
+"""VAD stop to final transcript, p99, on the embedded CPU models (see bench/e2e.py)."""
+
+
 class RemoteSTT(FrameProcessor):
     """Publishes VAD decisions (aligned by audio seq) and turns remote transcripts into frames."""
 
@@ -77,6 +83,12 @@ class RemoteSTT(FrameProcessor):
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
         await super().process_frame(frame, direction)
+        if isinstance(frame, StartFrame):
+            await self.push_frame(frame, direction)
+            # Tells the user aggregator how long to wait for a transcript after the VAD stops.
+            await self.broadcast_frame(STTMetadataFrame, service_name="voxbus-stt",
+                                       ttfs_p99_latency=STT_TTFS_P99_S)
+            return
         if isinstance(frame, InputAudioRawFrame):
             self.last_seq = frame.metadata.get("seq", self.last_seq)
         elif isinstance(frame, VADUserStartedSpeakingFrame | VADUserStoppedSpeakingFrame):

@@ -11,18 +11,12 @@ from services.orchestrator.worker import OrchestratorWorker
 from services.stt.worker import SttWorker
 from services.tts.worker import TtsWorker
 from voxbus.audio import write_wav
-from voxbus.llm_server import MODEL_ALIAS, LocalLlmServer
+from voxbus.llm_server import MODEL_ALIAS
 from voxbus.talk import talk
 
 pytestmark = pytest.mark.slow
 
 UTTERANCE = "What is the capital of France?"
-
-
-@pytest.fixture(scope="session")
-def llm_endpoint():
-    with LocalLlmServer() as server:
-        yield server.base_url
 
 
 @pytest.fixture(scope="session")

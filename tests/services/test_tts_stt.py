@@ -106,7 +106,7 @@ async def test_stt_transcribes_what_tts_said(settings, bus):
         assert isinstance(claimed, SttClaimed)
         waiter = asyncio.create_task(next_final(bus, "s1"))
         await asyncio.sleep(0.05)
-        await stream_utterance(bus, "s1", pcm)
+        await stream_utterance(bus, "s1", pcm, realtime=True)
         transcript = await waiter
     expected = words(SENTENCE)
     assert len(expected & words(transcript.text)) >= len(expected) - 2, transcript.text
