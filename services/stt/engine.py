@@ -20,23 +20,36 @@ def default_model_path() -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_model(model: str, device: str, compute_type: str):
+def _load_model(model: str, device: str, compute_type: str, short_window: bool):
     from faster_whisper import WhisperModel
 
+    from services.stt.short_window import ShortWindowWhisperModel
+
     log.info("loading faster-whisper %s (%s, %s)", model, device, compute_type)
-    return WhisperModel(model, device=device, compute_type=compute_type)
+    cls = ShortWindowWhisperModel if short_window else WhisperModel
+    return cls(model, device=device, compute_type=compute_type)
+
+
+def load_model(settings: Settings):
+    return _load_model(settings.stt_model or default_model_path(), settings.stt_device,
+                       settings.stt_compute_type, settings.stt_short_window)
 
 
 class SharedWhisperSTTService(WhisperSTTService):
     """Pipecat's Whisper service, sharing one loaded model across a worker's sessions."""
 
+    def __init__(self, *, voxbus_settings: Settings, **kwargs):
+        self._voxbus_settings = voxbus_settings
+        super().__init__(**kwargs)
+
     def _load(self):
-        self._model = _load_model(self._settings.model, self._device, self._compute_type)
+        self._model = load_model(self._voxbus_settings)
 
 
 def make_stt_service(settings: Settings) -> STTService:
     model = settings.stt_model or default_model_path()
     return SharedWhisperSTTService(
+        voxbus_settings=settings,
         device=settings.stt_device,
         compute_type=settings.stt_compute_type,
         settings=WhisperSTTService.Settings(model=model),
@@ -47,5 +60,4 @@ def make_stt_service(settings: Settings) -> STTService:
 
 def warm_up(settings: Settings) -> None:
     """Load the model before taking work so the first session pays nothing."""
-    _load_model(settings.stt_model or default_model_path(), settings.stt_device,
-                settings.stt_compute_type)
+    load_model(settings)
