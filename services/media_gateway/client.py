@@ -1,0 +1,170 @@
+"""A Python WebRTC peer for the gateway: what a browser does, for tests, benchmarks and scripts.
+
+It fetches a token, offers one audio track (fed from PCM you queue with :meth:`say`, silence
+otherwise, paced in real time) and the "events" data channel, and collects what comes back: the
+page's JSON events and the agent's audio, decoded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fractions
+import json
+import time
+
+import aiohttp
+import av
+import numpy as np
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from services.media_gateway.audio_tracks import FRAME_BYTES, FRAME_SAMPLES
+from voxbus.audio import WIRE_RATE
+
+
+class GatewayError(RuntimeError):
+    def __init__(self, status: int, message: str):
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class MicTrack(MediaStreamTrack):
+    """A microphone stand-in: queued PCM16 mono at the wire rate, silence when there is none."""
+
+    kind = "audio"
+
+    def __init__(self):
+        super().__init__()
+        self._queue = bytearray()
+        self._start: float | None = None
+        self._pts = 0
+        self.paused = False
+        self.sent_at: list[tuple[float, bytes]] = []  # (wall time handed to the encoder, pcm)
+        self.record_sent = False
+
+    def say(self, pcm: bytes) -> float:
+        """Queue speech; returns how long until it has all been sent, in seconds."""
+        self._queue += pcm
+        return len(self._queue) / 2 / WIRE_RATE
+
+    @property
+    def pending_s(self) -> float:
+        return len(self._queue) / 2 / WIRE_RATE
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        while self.paused:  # a frozen tab: nothing leaves
+            await asyncio.sleep(0.05)
+            if self.readyState != "live":
+                raise MediaStreamError
+        now = time.monotonic()
+        if self._start is None:
+            self._start = now
+        else:
+            self._pts += FRAME_SAMPLES
+            wait = self._start + self._pts / WIRE_RATE - now
+            if wait > 0:
+                await asyncio.sleep(wait)
+            elif wait < -0.2:
+                self._start = now - self._pts / WIRE_RATE
+        chunk = bytes(self._queue[:FRAME_BYTES]).ljust(FRAME_BYTES, b"\0")
+        del self._queue[:FRAME_BYTES]
+        if self.record_sent:
+            self.sent_at.append((time.monotonic(), chunk))
+        frame = av.AudioFrame(format="s16", layout="mono", samples=FRAME_SAMPLES)
+        frame.planes[0].update(chunk)
+        frame.pts = self._pts
+        frame.sample_rate = WIRE_RATE
+        frame.time_base = fractions.Fraction(1, WIRE_RATE)
+        return frame
+
+
+class GatewayClient:
+    def __init__(self, base_url: str):
+        self.base_url = base_url.rstrip("/")
+        self.pc = RTCPeerConnection()
+        self.mic = MicTrack()
+        self.session: str | None = None
+        self.events: list[dict] = []
+        self.event_arrived = asyncio.Event()
+        self.agent_audio = bytearray()
+        self.loud_frames = 0
+        self.first_loud_at: float | None = None
+        self._resampler = av.AudioResampler(format="s16", layout="mono", rate=WIRE_RATE)
+        self._tasks: list[asyncio.Task] = []
+        self._http = aiohttp.ClientSession()
+
+    async def post(self, path: str, body: dict | str) -> dict:
+        data = body if isinstance(body, str) else json.dumps(body)
+        async with self._http.post(self.base_url + path, data=data,
+                                   headers={"Content-Type": "application/json"}) as res:
+            payload = await res.json(content_type=None)
+            if res.status != 200:
+                raise GatewayError(res.status, payload.get("error", ""))
+            return payload
+
+    async def token(self, agent: str = "chat") -> str:
+        return (await self.post("/api/token", {"agent": agent}))["token"]
+
+    async def connect(self, agent: str = "chat", token: str | None = None) -> str:
+        token = token or await self.token(agent)
+        channel = self.pc.createDataChannel("events")
+
+        @channel.on("message")
+        def _on_message(message):
+            self.events.append(json.loads(message))
+            self.event_arrived.set()
+
+        @self.pc.on("track")
+        def _on_track(track):
+            self._tasks.append(asyncio.create_task(self._receive(track)))
+
+        self.pc.addTrack(self.mic)
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        answer = await self.post("/api/offer", {"sdp": self.pc.localDescription.sdp,
+                                                "type": "offer", "token": token})
+        await self.pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["type"]))
+        self.session = answer["session"]
+        return self.session
+
+    async def _receive(self, track) -> None:
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            for out in self._resampler.resample(frame):
+                pcm = bytes(out.planes[0])[: out.samples * 2]
+                self.agent_audio += pcm
+                rms = float(np.sqrt(np.mean(np.frombuffer(pcm, "<i2").astype(np.float32) ** 2)))
+                if rms > 200:
+                    self.loud_frames += 1
+                    if self.first_loud_at is None:
+                        self.first_loud_at = time.monotonic()
+
+    def texts(self, role: str) -> str:
+        return " ".join(e["text"] for e in self.events
+                        if e.get("type") == "transcript" and e.get("role") == role
+                        and (role == "bot" or e.get("final"))).strip()
+
+    async def wait_for(self, predicate, timeout: float) -> bool:
+        """Wait until ``predicate(self)`` holds, re-checking as events and audio arrive."""
+        deadline = time.monotonic() + timeout
+        while not predicate(self):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.event_arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.event_arrived.wait(), min(left, 0.1))
+        return True
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await self.pc.close()
+        await self._http.close()

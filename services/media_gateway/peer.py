@@ -1,0 +1,250 @@
+"""One browser session: its RTCPeerConnection, its audio in both directions, its event channel.
+
+A PeerSession subscribes only to its own session's subjects, so a peer can never hear or see
+another session. It ends (and tells every stage to release the session) when the browser hangs
+up, when ICE or DTLS fails, when no audio has arrived for ``idle_s``, or when the gateway stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+from nats.aio.msg import Msg
+
+from services.media_gateway.audio_tracks import AgentAudioTrack, InboundResampler
+from voxbus.audio import WIRE_RATE
+from voxbus.bus import now_us
+from voxbus.subjects import Stage
+from voxbus.wire import (
+    AudioFlush,
+    AudioIn,
+    AudioOut,
+    BotText,
+    ErrorEvent,
+    Frame,
+    Metric,
+    SessionEnd,
+    SessionStart,
+    Transcript,
+    TurnEvent,
+    VadEvent,
+    VadState,
+)
+
+if TYPE_CHECKING:
+    from services.media_gateway.tokens import Grant
+    from services.media_gateway.worker import GatewayWorker
+
+log = logging.getLogger("voxbus.gateway")
+
+SEQ_HISTORY = 1500  # 30 s of 20 ms frames: when each sent frame left, to date speech ends
+LISTEN_AFTER_S = 0.4  # a drained buffer this long means the agent finished speaking
+
+
+class PeerSession:
+    def __init__(self, gateway: GatewayWorker, grant: Grant):
+        self.gateway = gateway
+        self.bus = gateway.bus
+        self.subjects = gateway.subjects
+        self.session = grant.session
+        self.agent = grant.agent
+        self.pc = RTCPeerConnection(gateway.rtc_configuration())
+        self.outbound = AgentAudioTrack(on_playing=self._on_playing, on_drained=self._on_drained)
+        self.channel = None
+        self.state = "connecting"
+        self.closed = asyncio.Event()
+        self.frames_in = 0
+        self.last_audio_at = time.monotonic()
+        self.inbound_lag_ms: deque[float] = deque(maxlen=2000)
+        self._sent_at: dict[int, float] = {}
+        self._seq = 0
+        self._turn = 0
+        self._speech_end_at: float | None = None
+        self._awaiting_audio = False
+        self._listen_timer: asyncio.TimerHandle | None = None
+        self._subs = []
+        self._tasks: set[asyncio.Task] = set()
+
+    # --- setup ----------------------------------------------------------------------
+
+    async def answer(self, sdp: str, kind: str) -> RTCSessionDescription:
+        """Apply the browser's offer, start the session on the bus, return our answer."""
+        pc = self.pc
+
+        @pc.on("datachannel")
+        def _on_channel(channel):
+            self.channel = channel
+            self.send({"type": "session", "session": self.session, "agent": self.agent})
+            self.send({"type": "state", "state": self.state})
+
+        @pc.on("track")
+        def _on_track(track):
+            if track.kind == "audio":
+                self._spawn(self._pump_inbound(track))
+
+        @pc.on("connectionstatechange")
+        async def _on_state():
+            if pc.connectionState in ("failed", "closed"):
+                await self.close(f"connection {pc.connectionState}")
+
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=kind))
+        if not any(t.kind == "audio" for t in
+                   (tr.receiver.track for tr in pc.getTransceivers() if tr.receiver.track)):
+            raise ValueError("the offer has no audio track: the agent needs a microphone")
+        pc.addTrack(self.outbound)
+        for sub_subject, handler in ((self.subjects.audio_out(self.session), self._on_agent_audio),
+                                     (self.subjects.events(self.session), self._on_event)):
+            self._subs.append(await self.bus.subscribe(sub_subject, handler))
+        await self.bus.request(self.subjects.work(Stage.ORCHESTRATOR),
+                               SessionStart(session=self.session, sample_rate=WIRE_RATE,
+                                            agent=self.agent), timeout=15.0)
+        await pc.setLocalDescription(await pc.createAnswer())
+        self._spawn(self._watch_idle())
+        self._set_state("listening")
+        return pc.localDescription
+
+    # --- browser → bus ----------------------------------------------------------------
+
+    async def _pump_inbound(self, track) -> None:
+        resampler = InboundResampler()
+        subject = self.subjects.audio_in(self.session)
+        while not self.closed.is_set():
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                await self.close("browser audio ended")
+                return
+            received = time.monotonic()
+            self.last_audio_at = received
+            for pcm in resampler.push(frame):
+                await self.bus.publish(subject, AudioIn(seq=self._seq, ts_us=now_us(),
+                                                        sample_rate=WIRE_RATE, pcm=pcm))
+                published = time.monotonic()
+                self._sent_at[self._seq] = published
+                self._sent_at.pop(self._seq - SEQ_HISTORY, None)
+                self.inbound_lag_ms.append((published - received) * 1000)
+                self._seq += 1
+                self.frames_in += 1
+
+    async def _watch_idle(self) -> None:
+        idle_s = self.gateway.settings.gateway_idle_s
+        while not self.closed.is_set():
+            await asyncio.sleep(min(1.0, idle_s / 2))
+            if time.monotonic() - self.last_audio_at > idle_s:
+                await self.close(f"no audio from the browser for {idle_s:.0f} s")
+                return
+
+    # --- bus → browser ----------------------------------------------------------------
+
+    async def _on_agent_audio(self, frame: Frame, _msg: Msg) -> None:
+        if isinstance(frame, AudioOut):
+            if frame.sample_rate != WIRE_RATE:
+                raise ValueError(f"agent audio at {frame.sample_rate} Hz; the gateway plays "
+                                 f"{WIRE_RATE} Hz")
+            self.outbound.write(frame.pcm)
+        elif isinstance(frame, AudioFlush):
+            self.outbound.flush()
+
+    async def _on_event(self, frame: Frame, _msg: Msg) -> None:
+        if isinstance(frame, Transcript):
+            self.send({"type": "transcript", "role": "user", "text": frame.text,
+                       "final": frame.final, "turn": self._turn + 1})
+        elif isinstance(frame, BotText):
+            self.send({"type": "transcript", "role": "bot", "text": frame.text,
+                       "final": frame.final, "turn": frame.turn})
+        elif isinstance(frame, VadEvent):
+            if frame.state == VadState.STOPPED:
+                # Date the end of speech by when the gateway sent the frame the VAD last heard.
+                stop_frames = round(self.gateway.settings.vad_stop_s / 0.02)
+                self._speech_end_at = self._sent_at.get(frame.seq - stop_frames,
+                                                        time.monotonic())
+            self.send({"type": "vad", "state": str(frame.state)})
+        elif isinstance(frame, TurnEvent):
+            if frame.state == "user_ended":
+                self._turn = frame.turn
+                self._awaiting_audio = True
+                self._set_state("thinking")
+            elif frame.state == "interrupted":
+                self._awaiting_audio = False
+                self._set_state("listening")
+            self.send({"type": "turn", "turn": frame.turn, "state": frame.state})
+        elif isinstance(frame, Metric):
+            self.send({"type": "metric", "turn": frame.turn or self._turn, "name": frame.name,
+                       "ms": round(frame.value_ms, 1)})
+        elif isinstance(frame, ErrorEvent):
+            self.send({"type": "error", "service": frame.service, "code": frame.code,
+                       "message": frame.message})
+
+    def _on_playing(self) -> None:
+        if self._listen_timer:
+            self._listen_timer.cancel()
+            self._listen_timer = None
+        if self._awaiting_audio:
+            self._awaiting_audio = False
+            if self._speech_end_at is not None:
+                e2e = (time.monotonic() - self._speech_end_at) * 1000
+                self.send({"type": "metric", "turn": self._turn, "name": "e2e_latency",
+                           "ms": round(e2e, 1)})
+        self._set_state("speaking")
+
+    def _on_drained(self, flushed: bool) -> None:
+        if flushed:
+            self._set_state("listening")
+            return
+        loop = asyncio.get_running_loop()
+        if self._listen_timer:
+            self._listen_timer.cancel()
+        self._listen_timer = loop.call_later(LISTEN_AFTER_S, self._set_state, "listening")
+
+    def _set_state(self, state: str) -> None:
+        if state != self.state:
+            self.state = state
+            self.send({"type": "state", "state": state})
+
+    def send(self, event: dict) -> None:
+        channel = self.channel
+        if channel is not None and channel.readyState == "open":
+            try:
+                channel.send(json.dumps(event))
+            except Exception as e:  # a channel closing under us: the session is ending
+                log.debug("%s: event not sent: %s", self.session, e)
+
+    # --- teardown ---------------------------------------------------------------------
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self, reason: str = "hangup") -> None:
+        """End the session everywhere; safe to call from any path, any number of times."""
+        if self.closed.is_set():
+            return
+        self.closed.set()
+        log.info("session %s ends: %s", self.session, reason)
+        if self._listen_timer:
+            self._listen_timer.cancel()
+        self.gateway.forget(self)
+        with contextlib.suppress(Exception):
+            await self.bus.publish(self.subjects.ctl(self.session),
+                                   SessionEnd(session=self.session, reason=reason))
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        current = asyncio.current_task()
+        for task in list(self._tasks):
+            if task is not current:
+                task.cancel()
+        self.outbound.stop()
+        with contextlib.suppress(Exception):
+            await self.pc.close()
+
+

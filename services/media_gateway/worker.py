@@ -1,0 +1,150 @@
+"""Media gateway: serves the page, hands out session tokens, terminates WebRTC, bridges to NATS.
+
+HTTP API (JSON):
+    GET  /                 the page (static files under ``web/``, no build step)
+    POST /api/token        {"agent"?} → {"token", "session", "expires_in"}   (VOXBUS_OPEN_TOKENS)
+    POST /api/offer        {"sdp", "type": "offer", "token"} → {"sdp", "type": "answer", "session"}
+Errors are ``{"error": "..."}`` with 400 (bad offer), 401 (token), 403, 503 (no orchestrator).
+Signaling is non-trickle: the page waits for ICE gathering before it posts the offer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from aiohttp import web
+from aiortc import RTCConfiguration, RTCIceServer
+
+from services.media_gateway.peer import PeerSession
+from services.media_gateway.tokens import TokenAuthority, TokenError, generate_secret
+from voxbus.errors import VoxbusError
+from voxbus.runner import Service
+from voxbus.subjects import Stage
+
+log = logging.getLogger("voxbus.gateway")
+
+WEB_DIR = Path(__file__).parent / "web"
+MAX_BODY = 256 * 1024  # an SDP offer is a few KB
+
+
+class GatewayWorker(Service):
+    stage = Stage.GATEWAY
+
+    def __init__(self, settings=None):
+        super().__init__(settings)
+        secret = self.settings.gateway_secret or generate_secret()
+        self.tokens = TokenAuthority(secret, ttl_s=self.settings.token_ttl_s)
+        self.peers: dict[str, PeerSession] = {}
+        self.http_port: int | None = None
+        self._site_runner: web.AppRunner | None = None
+
+    def sessions(self) -> list[str]:
+        return sorted(self.peers)
+
+    def rtc_configuration(self) -> RTCConfiguration:
+        urls = [u.strip() for u in self.settings.ice_servers.split(",") if u.strip()]
+        return RTCConfiguration(iceServers=[RTCIceServer(urls=u) for u in urls])
+
+    def forget(self, peer: PeerSession) -> None:
+        if self.peers.get(peer.session) is peer:
+            del self.peers[peer.session]
+
+    @property
+    def url(self) -> str:
+        host = self.settings.http_host
+        shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        return f"http://{shown}:{self.http_port}/"
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    async def on_start(self) -> None:
+        app = web.Application(client_max_size=MAX_BODY)
+        app.router.add_get("/", self._index)
+        app.router.add_static("/static/", WEB_DIR, show_index=False)
+        app.router.add_post("/api/token", self._token)
+        app.router.add_post("/api/offer", self._offer)
+        self._site_runner = web.AppRunner(app, access_log=None)
+        await self._site_runner.setup()
+        site = web.TCPSite(self._site_runner, self.settings.http_host, self.settings.http_port)
+        await site.start()
+        self.http_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        log.info("%s serving %s", self.worker_id, self.url)
+
+    async def on_drain(self) -> None:
+        for peer in list(self.peers.values()):
+            await peer.close("gateway draining")
+
+    async def on_stop(self) -> None:
+        await self.on_drain()
+        if self._site_runner:
+            await self._site_runner.cleanup()
+
+    # --- HTTP -------------------------------------------------------------------------
+
+    async def _index(self, _request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(WEB_DIR / "index.html",
+                                headers={"Cache-Control": "no-cache"})
+
+    async def _token(self, request: web.Request) -> web.Response:
+        if not self.settings.open_tokens:
+            return _error(403, "this gateway does not hand out tokens; ask the app server")
+        body = await _json_body(request, required=False)
+        if isinstance(body, web.Response):
+            return body
+        agent = str(body.get("agent") or "chat")
+        token, grant = self.tokens.mint(agent=agent)
+        return web.json_response({"token": token, "session": grant.session,
+                                  "expires_in": self.settings.token_ttl_s})
+
+    async def _offer(self, request: web.Request) -> web.Response:
+        if self.draining:
+            return _error(503, "gateway is draining; try another replica")
+        body = await _json_body(request, required=True)
+        if isinstance(body, web.Response):
+            return body
+        sdp, kind = body.get("sdp"), body.get("type", "offer")
+        if not isinstance(sdp, str) or not sdp.strip() or kind != "offer":
+            return _error(400, 'expected {"sdp": "<offer SDP>", "type": "offer", "token": ...}')
+        try:
+            grant = self.tokens.redeem(body.get("token"))
+        except TokenError as e:
+            return _error(401, str(e))
+        if grant.session in self.peers:
+            return _error(409, f"session {grant.session} is already connected")
+        peer = PeerSession(self, grant)
+        self.peers[grant.session] = peer
+        try:
+            answer = await peer.answer(sdp, kind)
+        except VoxbusError as e:  # no orchestrator answered, or it could not start the session
+            await peer.close("no orchestrator")
+            return _error(503, f"cannot start the session: {e}")
+        except Exception as e:  # garbage SDP, no audio, DTLS setup: the offer is what was bad
+            await peer.close("bad offer")
+            log.warning("refused offer for %s: %s: %s", grant.session, type(e).__name__, e)
+            return _error(400, f"cannot accept this offer: {type(e).__name__}: {e}")
+        log.info("%s: session %s connected (agent %s)", self.worker_id, grant.session,
+                 grant.agent)
+        return web.json_response({"sdp": answer.sdp, "type": answer.type,
+                                  "session": grant.session})
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+async def _json_body(request: web.Request, *, required: bool) -> dict | web.Response:
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return _error(413, f"request body over {MAX_BODY} bytes")
+    if not raw.strip():
+        return _error(400, "expected a JSON body") if required else {}
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return _error(400, f"body is not JSON: {e}")
+    if not isinstance(body, dict):
+        return _error(400, "body must be a JSON object")
+    return body

@@ -1,0 +1,26 @@
+"""A gateway on a free HTTP port, in front of the real stages."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from services.media_gateway.worker import GatewayWorker
+
+
+@pytest.fixture
+async def gateway(stages):
+    gw = GatewayWorker(replace(stages.settings, http_port=0, gateway_idle_s=2.0))
+    await gw.start()
+    yield gw
+    await gw.stop()
+
+
+@pytest.fixture
+async def lone_gateway(settings):
+    """A gateway with no stages behind it: for what it must refuse on its own."""
+    gw = GatewayWorker(replace(settings, http_port=0))
+    await gw.start()
+    yield gw
+    await gw.stop()

@@ -1,0 +1,119 @@
+"""Many peers on one gateway: each hears and is heard only in its own session; vanishing peers
+release everything they held."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from services.media_gateway.client import GatewayClient
+from voxbus.audio import WIRE_RATE
+from voxbus.bus import Bus
+from voxbus.subjects import Subjects
+from voxbus.wire import AudioIn, AudioOut
+
+pytestmark = pytest.mark.slow
+
+PEERS = 8
+
+
+def tone(hz: float, seconds: float, amplitude: int = 8000) -> bytes:
+    t = np.arange(int(WIRE_RATE * seconds)) / WIRE_RATE
+    return (amplitude * np.sin(2 * np.pi * hz * t)).astype("<i2").tobytes()
+
+
+def dominant_hz(pcm: bytes) -> float:
+    x = np.frombuffer(pcm, "<i2").astype(np.float32)
+    spectrum = np.abs(np.fft.rfft(x * np.hanning(x.size)))
+    return float(np.fft.rfftfreq(x.size, 1 / WIRE_RATE)[np.argmax(spectrum)])
+
+
+async def _released(gateway, stages, timeout: float) -> bool:
+    for _ in range(int(timeout / 0.1)):
+        if not (gateway.sessions() or stages.orchestrator.sessions() or stages.stt.sessions()):
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+async def test_concurrent_sessions_are_isolated(gateway, stages):
+    clients = [GatewayClient(gateway.url) for _ in range(PEERS)]
+    bus = await Bus.connect(stages.settings.nats_url, Subjects(stages.settings.prefix), "probe")
+    heard: dict[str, bytearray] = {}
+    try:
+        sessions = await asyncio.gather(*(c.connect() for c in clients))
+        assert sorted(sessions) == gateway.sessions() == stages.orchestrator.sessions()
+
+        for s in sessions:
+            heard[s] = bytearray()
+
+            async def on_in(frame, _msg, s=s):
+                if isinstance(frame, AudioIn):
+                    heard[s].extend(frame.pcm)
+
+            await bus.subscribe(bus.subjects.audio_in(s), on_in)
+        # Each peer speaks its own pitch; each session's audio.in carries only that pitch.
+        pitches = [300 + 150 * i for i in range(PEERS)]
+        for client, hz in zip(clients, pitches, strict=True):
+            client.mic.say(tone(hz, 1.0))
+        await asyncio.sleep(1.6)
+        for s, hz in zip(sessions, pitches, strict=True):
+            assert len(heard[s]) > WIRE_RATE, s  # well over half a second arrived
+            assert abs(dominant_hz(bytes(heard[s])) - hz) < 20, (s, hz)
+        # Agent audio published for one session reaches that peer and no other.
+        target = clients[3]
+        for seq, i in enumerate(range(0, 32000, 640)):
+            await bus.publish(bus.subjects.audio_out(sessions[3]), AudioOut(
+                turn=1, seq=seq, sample_rate=WIRE_RATE, pcm=tone(440, 1.0)[i:i + 640]))
+        assert await target.wait_for(lambda c: c.loud_frames > 20, 5)
+        await asyncio.sleep(0.3)
+        assert [c.loud_frames for c in clients if c is not target] == [0] * (PEERS - 1)
+    finally:
+        await asyncio.gather(*(c.close() for c in clients))
+        await bus.close()
+    assert await _released(gateway, stages, 10)
+
+
+PEER_SCRIPT = """
+import asyncio, sys
+from services.media_gateway.client import GatewayClient
+from voxbus.audio import read_wav
+
+async def main():
+    client = GatewayClient(sys.argv[1])
+    print("session", await client.connect(), flush=True)
+    client.mic.say(read_wav(sys.argv[2]))
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+async def test_peer_vanishing_mid_turn_releases_its_session(gateway, stages, speech_wav):
+    """A browser killed mid-sentence sends no goodbye; the gateway notices and cleans up."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", PEER_SCRIPT, gateway.url, speech_wav,
+        stdout=asyncio.subprocess.PIPE, cwd=str(Path(__file__).parents[2]))
+    try:
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().split()
+        assert line[0] == "session", line
+        session = line[1]
+        assert session in stages.orchestrator.sessions() and session in stages.stt.sessions()
+        await asyncio.sleep(1.0)  # mid-utterance
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        await proc.wait()
+    assert await _released(gateway, stages, 15), (gateway.sessions(),
+                                                  stages.orchestrator.sessions())
+    # The gateway goes on serving.
+    client = GatewayClient(gateway.url)
+    try:
+        assert await client.connect()
+    finally:
+        await client.close()
