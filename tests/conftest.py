@@ -72,6 +72,18 @@ def spoken(text: str, path, lead_s: float = 0.3, tail_s: float = 0.0) -> str:
 
 
 @pytest.fixture(scope="session")
+def speak(tmp_path_factory):
+    """``speak(text, lead_s=0.3, tail_s=0.0)``: a WAV path of the text in the Piper voice."""
+    folder = tmp_path_factory.mktemp("speech")
+    counter = iter(range(10_000))
+
+    def make(text: str = UTTERANCE, lead_s: float = 0.3, tail_s: float = 0.0) -> str:
+        return spoken(text, folder / f"u{next(counter)}.wav", lead_s, tail_s)
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def speech_wav(tmp_path_factory) -> str:
     """The user's turn: UTTERANCE with 0.3 s of silence before it."""
     return spoken(UTTERANCE, tmp_path_factory.mktemp("wav") / "question.wav")

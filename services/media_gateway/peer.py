@@ -177,7 +177,8 @@ class PeerSession:
                 self._set_state("listening")
             self.send({"type": "turn", "turn": frame.turn, "state": frame.state})
         elif isinstance(frame, Metric):
-            self.send({"type": "metric", "turn": frame.turn or self._turn, "name": frame.name,
+            # Stage figures without a turn (STT) belong to the user turn that is ending.
+            self.send({"type": "metric", "turn": frame.turn or self._turn + 1, "name": frame.name,
                        "ms": round(frame.value_ms, 1)})
         elif isinstance(frame, ErrorEvent):
             self.send({"type": "error", "service": frame.service, "code": frame.code,

@@ -16,7 +16,7 @@ from services.media_gateway.client import GatewayClient
 from voxbus.audio import WIRE_RATE
 from voxbus.bus import Bus
 from voxbus.subjects import Subjects
-from voxbus.wire import AudioIn, AudioOut
+from voxbus.wire import AudioFlush, AudioIn, AudioOut
 
 pytestmark = pytest.mark.slow
 
@@ -117,3 +117,28 @@ async def test_peer_vanishing_mid_turn_releases_its_session(gateway, stages, spe
         assert await client.connect()
     finally:
         await client.close()
+
+
+async def test_flush_drops_queued_agent_audio_at_once(gateway, stages):
+    """Barge-in: AudioFlush empties the peer's jitter buffer; what was queued is never played."""
+    client = GatewayClient(gateway.url)
+    bus = await Bus.connect(stages.settings.nats_url, Subjects(stages.settings.prefix), "probe")
+    try:
+        session = await client.connect()
+        await client.wait_for(lambda c: any(e["type"] == "state" for e in c.events), 10)
+        pcm = tone(440, 3.0)  # three seconds queued in one burst, as a fast TTS would
+        for seq, i in enumerate(range(0, len(pcm), 640)):
+            await bus.publish(bus.subjects.audio_out(session), AudioOut(
+                turn=1, seq=seq, sample_rate=WIRE_RATE, pcm=pcm[i:i + 640]))
+        assert await client.wait_for(lambda c: c.loud_frames > 10, 5)
+        await bus.publish(bus.subjects.audio_out(session), AudioFlush(turn=1))
+        await asyncio.sleep(0.3)
+        after_flush = client.loud_frames
+        await asyncio.sleep(1.0)
+        assert client.loud_frames - after_flush < 5, (after_flush, client.loud_frames)
+        assert after_flush < 3.0 / 0.02 / 2  # most of the three seconds were dropped
+        states = [e["state"] for e in client.events if e["type"] == "state"]
+        assert states[-1] == "listening", states
+    finally:
+        await client.close()
+        await bus.close()

@@ -65,7 +65,11 @@ function onEvent(ev) {
       }
       break;
     case "metric": onMetric(ev); break;
-    case "turn": if (ev.state === "interrupted") line("bot", ev.turn).dataset.interrupted = "true"; break;
+    case "turn": {
+      const li = lines.get(`bot:${ev.turn}`);
+      if (li && ev.state === "interrupted") li.dataset.interrupted = "true";
+      break;
+    }
     case "error": setStatus(`${ev.service}: ${ev.message}`); break;
     case "session": document.body.dataset.session = ev.session; break;
   }
@@ -152,3 +156,5 @@ function hangup() {
 }
 
 $("connect").addEventListener("click", () => (pc ? hangup() : connect()));
+// For diagnostics from the console (and the browser tests): the live peer connection.
+window.voxbus = { get pc() { return pc; } };
