@@ -222,7 +222,8 @@ async def main(args) -> None:
                 nats = await asyncio.to_thread(NatsServer().start)
                 stack.append(nats)
                 url, prefix = nats.url, "bench" + uuid.uuid4().hex[:8]
-            settings = Settings(nats_url=url, prefix=prefix, llm_model=model)
+            # Greedy decoding: both systems get the same reply, so TTS does the same work.
+            settings = Settings(nats_url=url, prefix=prefix, llm_model=model, llm_temperature=0.0)
             await asyncio.to_thread(warm_up, settings)
             if args.nats is None:
                 from services.llm.worker import LlmWorker

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 
+from pipecat.frames.frames import TranscriptionFrame
 from pipecat.services.stt_service import STTService
 from pipecat.services.whisper.stt import WhisperSTTService
 
@@ -44,6 +45,14 @@ class SharedWhisperSTTService(WhisperSTTService):
 
     def _load(self):
         self._model = load_model(self._voxbus_settings)
+
+    async def run_stt(self, audio: bytes):
+        # A segment is transcribed whole, once the VAD has heard it end: the result is final,
+        # and saying so lets the turn strategy end the turn now instead of after its timeout.
+        async for frame in super().run_stt(audio):
+            if isinstance(frame, TranscriptionFrame):
+                frame.finalized = True
+            yield frame
 
 
 def make_stt_service(settings: Settings) -> STTService:

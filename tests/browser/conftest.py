@@ -16,6 +16,7 @@ import pytest
 from voxbus.natsd import free_port
 
 CHROMIUM = os.environ.get("VOXBUS_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
+HAVE_CHROMIUM = os.path.exists(CHROMIUM)
 
 
 @pytest.fixture
@@ -56,7 +57,7 @@ def voxbus_up(nats_server, llm_endpoint, prefix):
 @pytest.fixture
 async def chromium_with_mic(tmp_path):
     """A factory: headless Chromium whose microphone plays the given WAV once."""
-    if not os.path.exists(CHROMIUM):
+    if not HAVE_CHROMIUM:
         pytest.fail(f"no Chromium at {CHROMIUM}: install Debian's chromium (see .ci/run)")
     from playwright.async_api import async_playwright
 
