@@ -99,7 +99,8 @@ class SessionRunner:
 
     async def _on_ctl(self, frame: Frame, _msg: Msg) -> None:
         if isinstance(frame, SessionEnd):
-            await self.worker.end_session(self.session)
+            # Not inline: closing unsubscribes the very subscription running this handler.
+            self.worker.spawn(self.worker.end_session(self.session))
 
     # --- called by the proxies ------------------------------------------------------
 

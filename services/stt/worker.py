@@ -114,7 +114,8 @@ class SessionStream:
 
     async def _on_ctl(self, frame: Frame, _msg: Msg) -> None:
         if isinstance(frame, SessionEnd):
-            await self.worker.release(self.session)
+            # Not inline: releasing unsubscribes the very subscription running this handler.
+            self.worker.spawn(self.worker.release(self.session))
 
     async def _on_transcript(self, frame: TranscriptionFrame | InterimTranscriptionFrame) -> None:
         final = isinstance(frame, TranscriptionFrame)
