@@ -25,21 +25,21 @@ live peer) produced once for the whole signal, and discards the gateway's audio 
 gateway receives exactly what a live aiortc peer sends. ``--live-codec`` encodes and decodes live
 in every peer instead, like a browser, at about three times the client CPU.
 
-Latency. Every ``--marker-every`` seconds (0.5 s) a peer pauses its speech for a marker: 120 ms
-of digital silence, two 20 ms full-scale tones, 40 ms of silence; peers are staggered. The two
-pitches (16 each) encode the marker's number modulo 256, so a marker can be told from every other
-marker of its peer sent within 128 s. The wall time (``time.time()``) at which the first tone's
-frame leaves ``MicTrack.recv()`` for aiortc's encoder (or its packet, when replaying) is
-recorded. The bench subscribes to every session's ``audio.in`` and finds marker onsets: a frame
-with a sample above 1000 after at least 60 ms of frames below 300, confirmed by two loud, pure
-tones of the expected pitches in a row (speech is neither loud nor pure enough). Latency = the
-``AudioIn.ts_us`` of the frame holding the tone onset (the gateway's wall clock at publish: same
-machine, same clock) minus the marker's send time. It includes Opus encode and decode with its
-lookahead, SRTP, loopback UDP, aiortc's audio jitter buffer (4 frames of prefetch), resampling and
-the gateway's re-framing into 20 ms frames. "bus p50" is the same at the bench's NATS receipt,
-adding the NATS hop and the bench's own event loop delay. A client process that falls behind
-delays its frames after the recorded time and inflates both; the footer gives the share of frames
-it sent over 20 ms late.
+Latency. Every ``--marker-every`` seconds (0.5 s) a peer pauses its speech for a marker: 120 ms of
+digital silence, two 20 ms full-scale tones, 40 ms of silence; peers are staggered. The two pitches
+(16 each) encode the marker's number modulo 256, so a marker can be told from every other marker of
+its peer sent within 128 s. The wall time (``time.time()``) at which the first tone's frame leaves
+``MicTrack.recv()`` for aiortc's encoder (or its packet, when replaying) is recorded. The bench
+subscribes to every session's ``audio.in`` and finds marker onsets: a frame with a sample above
+1000 after at least 60 ms of frames below 300, confirmed by two loud, pure tones of the expected
+pitches in a row (speech is neither loud nor pure enough). Latency = the ``AudioIn.ts_us`` of the
+frame holding the tone onset (the gateway's wall clock at publish: same machine, same clock) minus
+the marker's send time. It includes Opus encode and decode with its lookahead, SRTP, loopback UDP,
+the gateway's inbound jitter buffer (``VOXBUS_GATEWAY_JITTER_FRAMES``), resampling and the
+gateway's re-framing into 20 ms frames. "bus p50" is the same at the bench's NATS receipt, adding
+the NATS hop and the bench's own event loop delay. A client process that falls behind delays its
+frames after the recorded time and inflates both; the footer gives the share of frames it sent over
+20 ms late.
 
 CPU is measured over a ``--seconds`` window after all peers of a level have connected, audio is
 flowing on every session, and ``--warmup`` seconds have passed. Frames/s per session counts the
@@ -441,7 +441,9 @@ async def start_gateway(nats_url: str, prefix: str) -> tuple[asyncio.subprocess.
                VOXBUS_HTTP_PORT=str(port), VOXBUS_HTTP_HOST="127.0.0.1",
                VOXBUS_GATEWAY_IDLE_S=f"{IDLE_S:g}", VOXBUS_LOG_LEVEL="WARNING",
                VOXBUS_OPEN_TOKENS="1", VOXBUS_ICE_SERVERS="", VOXBUS_METRICS_PORT="0",
-               VOXBUS_HEARTBEAT_S="1")
+               VOXBUS_HEARTBEAT_S="1",
+               # Past its session cap a gateway refuses offers; here we want to see it saturate.
+               VOXBUS_GATEWAY_MAX_SESSIONS="100000")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "voxbus.cli", "gateway", env=env, cwd=REPO,
         stdout=asyncio.subprocess.PIPE, start_new_session=True)
@@ -620,7 +622,7 @@ def pct(values: list[float], q: float) -> str:
     return f"{np.percentile(values, q):.0f}" if values else "-"
 
 
-def table(levels: list[Level], args) -> str:
+def table(levels: list[Level], args, idle_cpu: float | None) -> str:
     head = ["peers", "gateway CPU %", "per session %", "loop %", "frames/s/session",
             "latency p50 ms", "p95 ms", "bus p50 ms", "markers heard", "client CPU %",
             "nats CPU %"]
@@ -628,7 +630,9 @@ def table(levels: list[Level], args) -> str:
     for lv in levels:
         rows.append([
             str(lv.peers), f"{lv.gw_cpu:.1f}", f"{lv.gw_cpu / lv.peers:.2f}",
-            f"{lv.gw_loop_cpu:.0f}", f"{lv.frames_per_s:.1f}", pct(lv.gateway_ms, 50),
+            f"{lv.gw_loop_cpu:.0f}",
+            f"{lv.frames_per_s:.1f}" + (" !" if gateway_saturated(lv, args) else ""),
+            pct(lv.gateway_ms, 50),
             pct(lv.gateway_ms, 95), pct(lv.bus_ms, 50), f"{len(lv.gateway_ms)}/{lv.sent}",
             "+".join(f"{c:.0f}" for c in lv.client_cpu) + (" *" if client_saturated(lv, args)
                                                            else ""),
@@ -637,15 +641,18 @@ def table(levels: list[Level], args) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
+    idle = f"{idle_cpu:.1f}%" if idle_cpu is not None else "-"
     lines.append(f"CPU is % of one core over a {args.seconds:g} s window ({os.cpu_count()} cores "
-                 "here); loop = the gateway's main thread; latency = browser frame to audio.in.")
+                 f"here; the gateway idles at {idle}); loop = the gateway's main thread.")
+    lines.append("latency = browser frame to audio.in; ! = the gateway fell behind real time; "
+                 "* = a client process fell behind.")
     for lv in levels:
-        if lv.frames_per_s < 49 or lv.gw_loop_cpu >= args.saturated:
+        if gateway_saturated(lv, args):
             gateway = (f"gateway SATURATED (loop {lv.gw_loop_cpu:.0f}%, delivered "
                        f"{lv.frames_per_s / 50:.0%} of the audio)")
         else:
             gateway = "gateway keeps up"
-        clients = (f"clients {'SATURATED' if client_saturated(lv, args) else 'ok'} "
+        clients = (f"clients {'BEHIND' if client_saturated(lv, args) else 'ok'} "
                    f"({sum(lv.client_cpu):.0f}% in {len(lv.client_cpu)} process(es), "
                    f"{lv.late:.1%} of frames sent > 20 ms late)")
         released = (f"sessions released {lv.release_s:.1f} s after hangup"
@@ -657,8 +664,19 @@ def table(levels: list[Level], args) -> str:
     return "\n".join(lines)
 
 
+def gateway_saturated(lv: Level, args) -> bool:
+    return lv.frames_per_s < 49 or lv.gw_loop_cpu >= args.saturated
+
+
 def client_saturated(lv: Level, args) -> bool:
     return max(lv.client_cpu, default=0.0) >= args.saturated or lv.late > 0.01
+
+
+async def measure_idle(pid: int, seconds: float) -> float:
+    """The gateway's CPU with no session (heartbeats, NATS), % of one core."""
+    t0, c0 = time.monotonic(), cpu_seconds(pid)
+    await asyncio.sleep(seconds)
+    return (cpu_seconds(pid) - c0) / (time.monotonic() - t0) * 100
 
 
 async def main(args) -> None:
@@ -673,6 +691,7 @@ async def main(args) -> None:
     assert task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     levels: list[Level] = []
+    idle_cpu = None
     nats = gateway = bus = None
     tmp = tempfile.TemporaryDirectory(prefix="voxbus-gwbench-")
     try:
@@ -695,13 +714,15 @@ async def main(args) -> None:
                             queue=subjects.queue_group(Stage.ORCHESTRATOR))
         await bus.subscribe(subjects.all_sessions(), bench.on_session_frame)
         await bus.subscribe(subjects.heartbeat(Stage.GATEWAY), bench.on_heartbeat)
+        idle_cpu = await measure_idle(gateway.pid, 5.0)
+        log(f"gateway idle: {idle_cpu:.1f}% of a core")
         for n in args.peers:
             levels.append(await bench.run_level(n))
             if gateway.returncode is not None:
                 raise RuntimeError(f"the gateway exited (rc {gateway.returncode})")
     finally:
         if levels:
-            print(table(levels, args), flush=True)
+            print(table(levels, args, idle_cpu), flush=True)
         if bus is not None:
             with contextlib.suppress(Exception):
                 await bus.close()

@@ -75,6 +75,14 @@ class Settings:
     )
     """Serve /api/token to anyone who can load the page; 0 = tokens come from your app server."""
     gateway_idle_s: float = field(default_factory=lambda: _float("VOXBUS_GATEWAY_IDLE_S", 10.0))
+    gateway_max_sessions: int = field(
+        default_factory=lambda: int(_float("VOXBUS_GATEWAY_MAX_SESSIONS", 8))
+    )
+    """Sessions one gateway replica takes before it refuses offers (503): add replicas instead."""
+    gateway_jitter_frames: int = field(
+        default_factory=lambda: int(_float("VOXBUS_GATEWAY_JITTER_FRAMES", 1))
+    )
+    """20 ms packets the inbound jitter buffer holds before decoding (aiortc's own default: 4)."""
     ice_servers: str = field(default_factory=lambda: _env("VOXBUS_ICE_SERVERS", ""))
     """Comma-separated STUN/TURN URLs; empty = host candidates only (same machine or LAN)."""
 

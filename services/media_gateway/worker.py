@@ -111,6 +111,8 @@ class GatewayWorker(Service):
             grant = self.tokens.redeem(body.get("token"))
         except TokenError as e:
             return _error(401, str(e))
+        if len(self.peers) >= self.settings.gateway_max_sessions:
+            return _error(503, f"gateway full ({len(self.peers)} sessions); try another replica")
         if grant.session in self.peers:
             return _error(409, f"session {grant.session} is already connected")
         peer = PeerSession(self, grant)

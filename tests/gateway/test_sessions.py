@@ -145,3 +145,23 @@ async def test_flush_drops_queued_agent_audio_at_once(gateway, stages):
     finally:
         await client.close()
         await bus.close()
+
+
+async def test_a_full_gateway_refuses_with_503(stages):
+    from dataclasses import replace
+
+    from services.media_gateway.client import GatewayError
+    from services.media_gateway.worker import GatewayWorker
+
+    gw = GatewayWorker(replace(stages.settings, http_port=0, gateway_max_sessions=1))
+    await gw.start()
+    first, second = GatewayClient(gw.url), GatewayClient(gw.url)
+    try:
+        await first.connect()
+        with pytest.raises(GatewayError) as err:
+            await second.connect()
+        assert err.value.status == 503 and "full" in err.value.message
+    finally:
+        await first.close()
+        await second.close()
+        await gw.stop()
