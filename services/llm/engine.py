@@ -23,8 +23,9 @@ def make_llm_service(settings: Settings, base_url: str) -> OpenAILLMService:
     )
 
 
-def context_from_wire(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> LLMContext:
-    """Rebuild a Pipecat context from OpenAI-format messages and function tools."""
+def context_from_wire(messages: list[dict[str, Any]], tools: list[dict[str, Any]],
+                      tool_choice: Any = None) -> LLMContext:
+    """Rebuild a Pipecat context from OpenAI-format messages, function tools and tool choice."""
     schemas = []
     for tool in tools:
         fn = tool.get("function", tool)
@@ -33,5 +34,8 @@ def context_from_wire(messages: list[dict[str, Any]], tools: list[dict[str, Any]
             name=fn["name"], description=fn.get("description", ""),
             properties=params.get("properties", {}), required=params.get("required", []),
         ))
-    return LLMContext(messages=list(messages), tools=schemas) if schemas else LLMContext(
-        messages=list(messages))
+    if not schemas:
+        return LLMContext(messages=list(messages))
+    if tool_choice is None:
+        return LLMContext(messages=list(messages), tools=schemas)
+    return LLMContext(messages=list(messages), tools=schemas, tool_choice=tool_choice)

@@ -59,7 +59,7 @@ class LlmWorker(Service):
         error = None
         calls: dict[int, dict] = {}
         try:
-            context = context_from_wire(req.messages, req.tools)
+            context = context_from_wire(req.messages, req.tools, req.settings.get("tool_choice"))
             stream = await self.service.get_chat_completions(context)
             try:
                 async for chunk in stream:

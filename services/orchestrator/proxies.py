@@ -17,10 +17,6 @@ from pipecat.frames.frames import (
     Frame,
     InputAudioRawFrame,
     InterruptionFrame,
-    LLMContextFrame,
-    LLMFullResponseEndFrame,
-    LLMFullResponseStartFrame,
-    LLMTextFrame,
     OutputAudioRawFrame,
     StartFrame,
     STTMetadataFrame,
@@ -43,9 +39,6 @@ from voxbus.wire import (
     AudioOut,
     BotText,
     Cancel,
-    LlmDelta,
-    LlmDone,
-    LlmRequest,
     Transcript,
     TtsAudio,
     TtsDone,
@@ -98,57 +91,6 @@ class RemoteSTT(FrameProcessor):
                 state=VadState.STARTED if started else VadState.STOPPED,
                 seq=self.last_seq, ts_us=now_us()))
         await self.push_frame(frame, direction)
-
-
-class RemoteLLM(FrameProcessor):
-    """Sends the context to the LLM queue group and streams the reply back as LLMTextFrames."""
-
-    def __init__(self, session: SessionRunner, **kwargs):
-        super().__init__(**kwargs)
-        self.s = session
-
-    async def process_frame(self, frame: Frame, direction: FrameDirection):
-        await super().process_frame(frame, direction)
-        if isinstance(frame, LLMContextFrame):
-            await self._complete(frame)
-        else:
-            await self.push_frame(frame, direction)
-
-    async def _complete(self, frame: LLMContextFrame) -> None:
-        turn = self.s.begin_bot_turn()
-        bus, subjects = self.s.bus, self.s.subjects
-        reply = subjects.reply(self.s.session, Stage.LLM, turn)
-        queue: asyncio.Queue = asyncio.Queue()
-        sub = await _reply_queue(bus, reply, queue)
-        messages = [dict(m) for m in frame.context.get_messages()]
-        request = LlmRequest(session=self.s.session, turn=turn, messages=messages)
-        started = time.monotonic()
-        await self.push_frame(LLMFullResponseStartFrame())
-        finished = False
-        try:
-            await bus.publish(subjects.work(Stage.LLM), request, reply=reply)
-            first = True
-            while True:
-                item = await asyncio.wait_for(queue.get(), STAGE_REPLY_TIMEOUT_S)
-                if isinstance(item, LlmDelta) and item.text:
-                    if first:
-                        first = False
-                        await self.s.metric("llm_ttft", (time.monotonic() - started) * 1000, turn)
-                    await self.push_frame(LLMTextFrame(item.text))
-                elif isinstance(item, LlmDone):
-                    if item.error:
-                        await self.push_frame(ErrorFrame(f"LLM stage: {item.error}"))
-                    finished = True
-                    break
-        except TimeoutError:
-            await self.s.report("llm_timeout", f"no LLM reply for turn {turn}")
-        finally:
-            await sub.unsubscribe()
-            if not finished:
-                # Interrupted (cancelled) or timed out: stop the worker's stream too.
-                await bus.publish(subjects.ctl(self.s.session),
-                                  Cancel(session=self.s.session, turn=turn))
-        await self.push_frame(LLMFullResponseEndFrame())
 
 
 class RemoteTTS(TTSService):
@@ -242,14 +184,13 @@ class BusAudioOutput(BaseOutputTransport):
 
 
 async def _reply_queue(bus, subject: str, queue: asyncio.Queue):
-    """Subscribe a turn's reply subject into ``queue``; a bad frame ends the reply with an error."""
+    """Subscribe a TTS reply subject into ``queue``; a bad frame ends the reply with an error."""
 
     async def on(msg: Msg) -> None:
         try:
             await queue.put(decode(msg.data))
         except WireError as e:
             await bus.report(e.code, e.message, subject=msg.subject)
-            await queue.put(LlmDone(turn=-1, count=0, error=f"bad reply frame: {e}"))
             await queue.put(TtsDone(turn=-1, index=0, count=0, error=f"bad reply frame: {e}"))
 
     return await bus.nc.subscribe(subject, cb=on)

@@ -27,7 +27,8 @@ from pipecat.turns.user_stop.turn_analyzer_user_turn_stop_strategy import (
 )
 from pipecat.turns.user_turn_strategies import UserTurnStrategies
 
-from services.orchestrator.proxies import BusAudioOutput, RemoteLLM, RemoteSTT, RemoteTTS
+from services.orchestrator.proxies import BusAudioOutput, RemoteSTT, RemoteTTS
+from services.orchestrator.remote_llm import RemoteLLM
 from voxbus.bus import now_us
 from voxbus.pipecat_host import HostedPipeline
 from voxbus.subjects import Event
@@ -49,22 +50,24 @@ class SessionRunner:
         self.session = session
         self.sample_rate = sample_rate
         self.turn = 0
+        self.tool_calls: list[str] = []
         self._speech_stopped_at: float | None = None
         self._subs = []
         settings = worker.settings
 
-        context = LLMContext(messages=[{"role": "system", "content": settings.system_prompt}])
+        self.context = context = LLMContext()
         stop = TurnAnalyzerUserTurnStopStrategy(turn_analyzer=LocalSmartTurnAnalyzerV3(
             params=SmartTurnParams(stop_secs=settings.turn_stop_s)))
         aggregators = LLMContextAggregatorPair(context, user_params=LLMUserAggregatorParams(
             user_turn_strategies=UserTurnStrategies(stop=[stop])))
         vad = SileroVADAnalyzer(params=VADParams(stop_secs=settings.vad_stop_s))
         self.stt = RemoteSTT(self)
+        self.llm = RemoteLLM(self, system_instruction=settings.system_prompt)
         self.pipeline = HostedPipeline([
             VADProcessor(vad_analyzer=vad),
             self.stt,
             aggregators.user(),
-            RemoteLLM(self),
+            self.llm,
             RemoteTTS(self),
             BusAudioOutput(self),
             aggregators.assistant(),
@@ -111,12 +114,17 @@ class SessionRunner:
             # The VAD fires stop_secs after the last speech; date the speech end back.
             self._speech_stopped_at = time.monotonic() - (frame.stop_secs or 0.0)
 
+    def note_tool_calls(self, names: list[str]) -> None:
+        """Tool calls the LLM made in this turn (reported to clients with the turn)."""
+        self.tool_calls.extend(n for n in names if n)
+
     def note_transcript(self, _t: Transcript) -> None:
         """Transcripts are the user's words for this turn; latency is measured at turn end."""
 
     def begin_bot_turn(self) -> int:
         """The user's turn ended and the context goes to the LLM: a new turn id."""
         self.turn += 1
+        self.tool_calls: list[str] = []
         if self._speech_stopped_at is not None:
             eou = (time.monotonic() - self._speech_stopped_at) * 1000
             self.worker.spawn(self.metric("eou_delay", eou, self.turn))

@@ -20,6 +20,8 @@ class OrchestratorWorker(Service):
     def __init__(self, settings=None):
         super().__init__(settings)
         self.runners: dict[str, SessionRunner] = {}
+        self.on_session = None
+        """Called with each new SessionRunner before it starts (to register functions, tools)."""
 
     def sessions(self) -> list[str]:
         return sorted(self.runners)
@@ -37,6 +39,8 @@ class OrchestratorWorker(Service):
                                    timeout=5.0)
             runner = SessionRunner(self, frame.session, frame.sample_rate)
             self.runners[frame.session] = runner
+            if self.on_session:
+                self.on_session(runner)
             await runner.start()
             log.info("%s runs session %s", self.worker_id, frame.session)
         if msg.reply:

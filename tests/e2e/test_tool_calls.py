@@ -1,0 +1,67 @@
+"""Function calls through the bus: the LLM stage streams a tool call back, the orchestrator runs
+the function (Pipecat's function-calling machinery) and the turn continues with its result."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+import pytest
+from pipecat.adapters.llm.schemas.function_schema import FunctionSchema
+from pipecat.adapters.llm.schemas.tools_schema import ToolsSchema
+
+from services.llm.worker import LlmWorker
+from services.orchestrator.worker import OrchestratorWorker
+from services.stt.worker import SttWorker
+from services.tts.worker import TtsWorker
+from tests.scripted_openai import ScriptedOpenAI, Step
+from voxbus.talk import talk
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+async def scripted():
+    server = await ScriptedOpenAI([
+        Step(tool_calls=[{"name": "get_weather", "arguments": {"city": "Paris"}}]),
+        Step(text="It is sunny in Paris today."),
+    ]).start()
+    yield server
+    await server.stop()
+
+
+async def test_tool_call_round_trip(settings, scripted, speech_wav):
+    s = replace(settings, llm_model="scripted")
+    orchestrator = OrchestratorWorker(s)
+    services = [SttWorker(s), TtsWorker(s), LlmWorker(s, base_url=scripted.base_url),
+                orchestrator]
+    calls: list[dict] = []
+
+    async def get_weather(params):
+        calls.append(dict(params.arguments))
+        await params.result_callback({"city": params.arguments["city"], "sky": "sunny"})
+
+    weather = FunctionSchema(name="get_weather", description="Weather in a city",
+                             properties={"city": {"type": "string"}}, required=["city"])
+
+    def equip(runner) -> None:  # what an agent definition will do for its functions
+        runner.llm.register_function("get_weather", get_weather)
+        runner.context.set_tools(ToolsSchema(standard_tools=[weather]))
+
+    orchestrator.on_session = equip
+    for svc in services:
+        await svc.start()
+    try:
+        (turn,) = await talk(s.nats_url, [speech_wav], prefix=s.prefix, turn_timeout_s=30)
+    finally:
+        for svc in reversed(services):
+            await svc.stop()
+    assert calls == [{"city": "Paris"}]
+    assert turn.bot_text == "It is sunny in Paris today.", turn
+    assert turn.reply_audio_s > 0.5
+    assert len(scripted.requests) == 2
+    first, second = scripted.requests
+    assert [t["function"]["name"] for t in first["tools"]] == ["get_weather"]
+    tool_messages = [m for m in second["messages"] if m["role"] == "tool"]
+    assert tool_messages and "sunny" in tool_messages[0]["content"]
+    await asyncio.sleep(0)
