@@ -13,7 +13,8 @@ LLM endpoint (llama-cpp SmolLM2), interleaved turn by turn in one run:
 
 e2e_latency is in both cases the first bot audio leaving the pipeline's output minus the wall
 time the last voiced input frame was sent (``speech_end_offset_s``, as in ``talk.py``). Each turn
-waits for the reply to finish playing. One warm-up turn per system is not counted.
+waits for the reply to finish playing. One warm-up turn per system is not counted. The LLM
+endpoint's prompt cache is evicted before every turn, so neither system inherits the other's.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from pipecat.turns.user_stop.turn_analyzer_user_turn_stop_strategy import (
 from pipecat.turns.user_turn_strategies import UserTurnStrategies
 
 from services.llm.engine import make_llm_service
+from services.orchestrator.agent import load_agent
 from services.stt.engine import make_stt_service, warm_up
 from services.tts.engine import make_tts_service
 from voxbus.audio import WIRE_RATE, frames, read_wav, write_wav
@@ -120,7 +122,8 @@ class TimedOutput(BaseOutputTransport):
 
 async def inprocess_turn(settings: Settings, base_url: str, wav: str) -> float | None:
     """One utterance through a fresh in-process pipeline; returns e2e_latency in ms."""
-    context = LLMContext(messages=[{"role": "system", "content": settings.system_prompt}])
+    context = LLMContext(messages=[{"role": "system",
+                                    "content": load_agent("chat").system_prompt}])
     stop = TurnAnalyzerUserTurnStopStrategy(turn_analyzer=LocalSmartTurnAnalyzerV3(
         params=SmartTurnParams(stop_secs=settings.turn_stop_s)))
     aggregators = LLMContextAggregatorPair(context, user_params=LLMUserAggregatorParams(
@@ -167,6 +170,20 @@ async def inprocess_turn(settings: Settings, base_url: str, wav: str) -> float |
     return (out.first_at - speech_end_at) * 1000 if out.first_at else None
 
 
+async def evict_prompt_cache(base_url: str, model: str) -> None:
+    """llama.cpp's server keeps the last prompt's KV cache: whichever system ran a question
+    second would get its prompt for free. An unrelated one-token request before every turn
+    makes both systems start cold."""
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=base_url, api_key="sk-local")
+    try:
+        await client.chat.completions.create(model=model, max_tokens=1, messages=[
+            {"role": "user", "content": f"Say a number. {uuid.uuid4().hex}"}])
+    finally:
+        await client.close()
+
+
 async def split_turn(url: str, prefix: str, wav: str) -> dict[str, float | None]:
     (result,) = await talk(url, [wav], prefix=prefix, turn_timeout_s=TIMEOUT_S)
     for err in result.errors:
@@ -195,6 +212,12 @@ def table(split: dict[str, list], inproc: list[float | None], n: int) -> str:
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
                        enumerate(zip(r, widths, strict=True))) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
+    paired = [a - b for a, b in zip(split["e2e_latency"], inproc, strict=True)
+              if a is not None and b is not None]
+    if paired:
+        p50, p95 = np.percentile(paired, [50, 95])
+        lines.append(f"split minus in-process, same question, turn by turn: p50 {p50:+.0f} ms, "
+                     f"p95 {p95:+.0f} ms over {len(paired)} pairs")
     replies = sum(v is not None for v in split["e2e_latency"])
     lines.append(f"turns: split {n}, {replies} replied; in-process {n}, "
                  f"{sum(v is not None for v in inproc)} replied  (all figures in ms)")
@@ -246,9 +269,11 @@ async def main(args) -> None:
                 for k, wav in enumerate(wavs):
                     n += 1
                     log(f"[{rep + 1}/{args.turns}] {UTTERANCES[k]!r}")
+                    await evict_prompt_cache(base_url, model)
                     lat = await split_turn(url, prefix, wav)
                     for f in FIGURES:
                         split[f].append(lat.get(f))
+                    await evict_prompt_cache(base_url, model)
                     e2e = await inprocess_turn(settings, base_url, wav)
                     inproc.append(e2e)
                     log("    split " + "  ".join(f"{f}={lat.get(f)}" for f in FIGURES)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -23,8 +24,10 @@ class Step:
 
 
 class ScriptedOpenAI:
-    def __init__(self, script: list[Step]):
-        self.script = list(script)
+    """``script``: the steps in order, or a function choosing a step from the request body."""
+
+    def __init__(self, script: list[Step] | Callable[[dict], Step]):
+        self.script = script if callable(script) else list(script)
         self.requests: list[dict] = []
         self._runner: web.AppRunner | None = None
         self.base_url = ""
@@ -47,7 +50,10 @@ class ScriptedOpenAI:
     async def _complete(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append(body)
-        step = self.script.pop(0) if self.script else Step(text="(script exhausted)")
+        if callable(self.script):
+            step = self.script(body)
+        else:
+            step = self.script.pop(0) if self.script else Step(text="(script exhausted)")
         if step.delay_s:
             await asyncio.sleep(step.delay_s)
         if step.status != 200:

@@ -92,7 +92,9 @@ class Bus:
             raise StageUnavailable(f"no reply on {subject}: {type(e).__name__}") from None
         reply = decode(msg.data)
         if isinstance(reply, ErrorEvent):
-            raise VoxbusError(f"{reply.service}: {reply.code}: {reply.message}")
+            error = VoxbusError(f"{reply.service}: {reply.code}: {reply.message}")
+            error.code = reply.code  # the replier's reason, for callers that map it
+            raise error
         return reply
 
     async def report(
@@ -115,11 +117,19 @@ class Bus:
         """Subscribe with decoding and the error boundary around ``handler``."""
 
         async def on_msg(msg: Msg) -> None:
+            if msg.headers and msg.headers.get("Status") == "503" and not msg.data:
+                # NATS "no responders" on a reply subject: nobody took the request.
+                target = msg.headers.get("Nats-Subject", msg.subject)
+                log.warning("%s: no replica is listening on %s", self.service, target)
+                await self.report("unavailable", f"no replica is listening on {target}",
+                                  subject=msg.subject, retryable=True)
+                return
             try:
                 frame = decode(msg.data)
             except WireError as e:
                 self.bad_frames += 1
-                log.error("%s: rejected frame on %s: %s", self.service, msg.subject, e)
+                log.error("%s: rejected frame on %s (%d bytes, headers %s): %s", self.service,
+                          msg.subject, len(msg.data), msg.headers, e)
                 await self.report(e.code, e.message, subject=msg.subject)
                 if msg.reply:
                     await self._reply_error(msg, e.code, e.message)
@@ -137,6 +147,11 @@ class Bus:
                 )
                 if msg.reply:
                     await self._reply_error(msg, code, str(e))
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # Unsubscribing cancels this subscription's task; a handler (or library code
+                # under it) that swallowed that cancel must not keep the task alive forever.
+                raise asyncio.CancelledError
 
         return await self.nc.subscribe(subject, queue=queue, cb=on_msg)
 

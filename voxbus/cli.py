@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         print(token)
         return 0
     if args.cmd == "talk":
+        from voxbus.errors import VoxbusError
         from voxbus.talk import format_turn, talk, to_json
 
         counter = iter(range(1, 10_000))
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             asyncio.run(talk(args.nats, args.wavs, agent=args.agent, out_wav=args.out,
                              prefix=os.environ.get("VOXBUS_PREFIX", "vox"), on_turn=show))
-        except (ConnectionError, OSError) as e:
+        except (ConnectionError, OSError, VoxbusError) as e:
             print(f"voxbus talk: {e}", file=sys.stderr)
             return 2
         return 0

@@ -52,13 +52,6 @@ class Settings:
     llm_model: str = field(default_factory=lambda: _env("VOXBUS_LLM_MODEL", "smollm2"))
     llm_max_tokens: int = field(default_factory=lambda: int(_float("VOXBUS_LLM_MAX_TOKENS", 80)))
     llm_temperature: float = field(default_factory=lambda: _float("VOXBUS_LLM_TEMPERATURE", 0.3))
-    system_prompt: str = field(
-        default_factory=lambda: _env(
-            "VOXBUS_SYSTEM_PROMPT",
-            "You are a friendly voice assistant. Answer in one or two short spoken sentences. "
-            "No lists, no markdown, no emojis.",
-        )
-    )
 
     # TTS
     tts_voice: str = field(default_factory=lambda: _env("VOXBUS_TTS_VOICE", ""))
@@ -87,6 +80,8 @@ class Settings:
     """Comma-separated STUN/TURN URLs; empty = host candidates only (same machine or LAN)."""
 
     # Orchestrator
+    agents_dir: str = field(default_factory=lambda: _env("VOXBUS_AGENTS_DIR", ""))
+    """Extra agent folders (colon-separated), searched before the shipped agents."""
     vad_stop_s: float = field(default_factory=lambda: _float("VOXBUS_VAD_STOP_S", 0.2))
     turn_stop_s: float = field(default_factory=lambda: _float("VOXBUS_TURN_STOP_S", 1.5))
     """Smart Turn's fallback: end the turn after this much silence even if judged incomplete."""

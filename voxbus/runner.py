@@ -81,6 +81,9 @@ class Service:
     async def start(self, bus: Bus | None = None) -> Service:
         self.bus = bus or await Bus.connect(self.settings.nats_url, self.subjects, self.worker_id)
         await self.on_start()
+        # Subscriptions are registered with the server before start returns: a request sent
+        # the moment we are "started" must find us, not get "no responders".
+        await self.bus.nc.flush()
         self._hb_task = asyncio.create_task(self._heartbeats(), name=f"{self.worker_id}-hb")
         log.info("%s started on %s", self.worker_id, self.settings.nats_url)
         return self

@@ -28,6 +28,9 @@ from voxbus.wire import (
     TurnEvent,
 )
 
+GREETING_WAIT_S = 1.5
+"""How long a new session listens for an agent that speaks first before the user talks."""
+
 SPEECH_RMS = 300
 """PCM16 RMS above which a 20 ms frame counts as speech, to date the end of the user's speech."""
 
@@ -38,6 +41,8 @@ class TurnResult:
     user_text: str = ""
     bot_text: str = ""
     reply_audio_s: float = 0.0
+    node: str | None = None
+    tool_calls: list[str] = field(default_factory=list)
     latency_ms: dict[str, float | None] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
@@ -49,6 +54,7 @@ class TalkSession:
         self.bus = bus
         self.session = session
         self.changed = asyncio.Event()
+        self.ended: str | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -60,6 +66,8 @@ class TalkSession:
         self.metrics: dict[str, float] = {}
         self.errors: list[str] = []
         self.turn_ended = False
+        self.node: str | None = None
+        self.tool_calls: list[str] = []
 
     async def on_frame(self, frame: Frame, _msg: Msg) -> None:
         now = time.monotonic()
@@ -78,6 +86,11 @@ class TalkSession:
             self.metrics.setdefault(frame.name, frame.value_ms)
         elif isinstance(frame, TurnEvent) and frame.state == "user_ended":
             self.turn_ended = True
+        elif isinstance(frame, TurnEvent) and frame.state == "bot_stopped":
+            self.node = frame.node
+            self.tool_calls += [n for n in frame.tool_calls if n not in self.tool_calls]
+        elif isinstance(frame, SessionEnd):
+            self.ended = frame.reason
         elif isinstance(frame, ErrorEvent):
             self.errors.append(f"{frame.service}: {frame.code}: {frame.message}")
         self.changed.set()
@@ -105,62 +118,76 @@ async def talk(
     collector = TalkSession(bus, session)
     all_audio = bytearray()
     try:
-        for subject in (subjects.audio_out(session), subjects.events(session)):
+        for subject in (subjects.audio_out(session), subjects.events(session),
+                        subjects.ctl(session)):
             await bus.subscribe(subject, collector.on_frame)
         await bus.request(subjects.work(Stage.ORCHESTRATOR),
                           SessionStart(session=session, sample_rate=WIRE_RATE, agent=agent),
                           timeout=15.0)
         seq = 0
-        for path in wavs:
-            pcm = read_wav(path)
-            collector.reset()
-            speech_end = speech_end_offset_s(pcm)
-            # Trailing silence so the VAD hears the end of speech, as a live mic would send.
-            body = list(frames(pcm)) + [bytes(640)] * 50
-            t0 = time.monotonic()
-            speech_end_at = t0 + speech_end
-            sent_silence = 0
-            for i, chunk in enumerate(body):
-                await bus.publish(subjects.audio_in(session), AudioIn(
-                    seq=seq, ts_us=now_us(), sample_rate=WIRE_RATE, pcm=chunk))
-                seq += 1
-                target = t0 + (i + 1) * 0.02
-                delay = target - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                if i >= len(body) - 50:
-                    sent_silence += 1
-                    if collector.first_audio_at is not None:
-                        break
-            # Keep the mic "open" with silence until the reply has finished playing.
-            deadline = time.monotonic() + turn_timeout_s
-            while time.monotonic() < deadline:
-                await bus.publish(subjects.audio_in(session), AudioIn(
-                    seq=seq, ts_us=now_us(), sample_rate=WIRE_RATE, pcm=bytes(640)))
-                seq += 1
+
+        async def send(pcm: bytes) -> None:
+            nonlocal seq
+            await bus.publish(subjects.audio_in(session), AudioIn(
+                seq=seq, ts_us=now_us(), sample_rate=WIRE_RATE, pcm=pcm))
+            seq += 1
+
+        async def until_reply_done(wait_for_start_s: float) -> None:
+            """Keep the mic "open" with silence until the agent's reply has finished playing."""
+            started = time.monotonic()
+            while not collector.ended:
+                await send(bytes(640))
                 await asyncio.sleep(0.02)
+                now = time.monotonic()
                 last = collector.last_audio_at
-                if last is not None and time.monotonic() - last > reply_silence_s:
+                if last is None and now - started > wait_for_start_s:
                     break
-            result = TurnResult(
-                session=session, user_text=" ".join(collector.user_text).strip(),
-                bot_text=" ".join(collector.bot_text).strip(),
-                reply_audio_s=round(duration_s(bytes(collector.audio)), 3),
-                errors=collector.errors,
-            )
+                if last is not None and (now - last > reply_silence_s
+                                         or now - started > turn_timeout_s):
+                    break
+
+        def finish(user_text: str, speech_end_at: float | None) -> TurnResult:
             m = collector.metrics
             e2e = ((collector.first_audio_at - speech_end_at) * 1000
-                   if collector.first_audio_at else None)
-            result.latency_ms = {
-                k: (round(v, 1) if v is not None else None) for k, v in {
+                   if collector.first_audio_at and speech_end_at else None)
+            result = TurnResult(
+                session=session, user_text=user_text, bot_text=" ".join(collector.bot_text).strip(),
+                reply_audio_s=round(duration_s(bytes(collector.audio)), 3), node=collector.node,
+                tool_calls=list(collector.tool_calls), errors=collector.errors,
+                latency_ms={k: (round(v, 1) if v is not None else None) for k, v in {
                     "eou_delay": m.get("eou_delay"), "stt_ttfs": m.get("stt_ttfs"),
                     "llm_ttft": m.get("llm_ttft"), "tts_ttfa": m.get("tts_ttfa"),
-                    "e2e_latency": e2e}.items()}
-            all_audio += collector.audio
+                    "e2e_latency": e2e}.items()})
+            all_audio.extend(collector.audio)
             results.append(result)
             if on_turn:
                 on_turn(result)
-        await bus.publish(subjects.ctl(session), SessionEnd(session=session, reason="done"))
+            return result
+
+        # An agent that speaks first (a flow's greeting) is heard out before the user talks.
+        await until_reply_done(GREETING_WAIT_S)
+        if collector.audio:
+            finish("", None)
+        for path in wavs:
+            if collector.ended:
+                break
+            pcm = read_wav(path)
+            collector.reset()
+            speech_end_at = time.monotonic() + speech_end_offset_s(pcm)
+            t0 = time.monotonic()
+            # Trailing silence so the VAD hears the end of speech, as a live mic would send.
+            body = list(frames(pcm)) + [bytes(640)] * 50
+            for i, chunk in enumerate(body):
+                await send(chunk)
+                delay = t0 + (i + 1) * 0.02 - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if i >= len(body) - 50 and collector.first_audio_at is not None:
+                    break
+            await until_reply_done(turn_timeout_s)
+            finish(" ".join(collector.user_text).strip(), speech_end_at)
+        if not collector.ended:
+            await bus.publish(subjects.ctl(session), SessionEnd(session=session, reason="done"))
     finally:
         await bus.close()
     if out_wav:
@@ -173,6 +200,8 @@ def format_turn(i: int, r: TurnResult) -> str:
     lines = [f"turn {i}  (session {r.session})", f"  you:   {r.user_text or '(nothing heard)'}",
              f"  agent: {r.bot_text or '(no reply)'}  [{r.reply_audio_s:.1f}s of audio]",
              f"  {lat}"]
+    if r.node or r.tool_calls:
+        lines.insert(3, f"  node: {r.node or '-'}  tool calls: {', '.join(r.tool_calls) or '-'}")
     lines += [f"  error: {e}" for e in r.errors]
     return "\n".join(lines)
 

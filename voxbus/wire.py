@@ -121,8 +121,12 @@ class TurnEvent(Frame):
     TAG = Tag.TURN
     turn: int
     state: str
-    """``user_ended``, ``bot_started``, ``bot_stopped``, ``interrupted``."""
+    """``user_ended``, ``bot_stopped`` (the agent finished speaking), ``interrupted``."""
     ts_us: int
+    node: str | None = None
+    """The agent's flow node after the turn (``bot_stopped``), for agents with a flow."""
+    tool_calls: list[str] = Field(default_factory=list)
+    """Names of the functions the LLM called during the turn (``bot_stopped``)."""
 
 
 class Transcript(Frame):

@@ -10,8 +10,10 @@ import asyncio
 import json
 import logging
 import time
+from dataclasses import replace
 
 from nats.aio.msg import Msg
+from pipecat.services.openai.llm import OpenAILLMService
 from prometheus_client import Histogram
 
 from services.llm.engine import context_from_wire, make_llm_service
@@ -38,6 +40,8 @@ class LlmWorker(Service):
 
     async def on_start(self) -> None:
         self.service = make_llm_service(self.settings, self.base_url)
+        self._services = {(float(self.settings.llm_temperature),
+                           int(self.settings.llm_max_tokens)): self.service}
         await self.subscribe(self.subjects.work(self.stage), self._on_request, work=True)
         await self.subscribe(self.subjects.all_ctl(), self._on_ctl)
 
@@ -60,7 +64,7 @@ class LlmWorker(Service):
         calls: dict[int, dict] = {}
         try:
             context = context_from_wire(req.messages, req.tools, req.settings.get("tool_choice"))
-            stream = await self.service.get_chat_completions(context)
+            stream = await self._service_for(req.settings).get_chat_completions(context)
             try:
                 async for chunk in stream:
                     if not chunk.choices:
@@ -105,6 +109,16 @@ class LlmWorker(Service):
                 await self.bus.publish(reply, done)
             except Exception as e:
                 log.warning("could not send LlmDone: %s", e)
+
+    def _service_for(self, overrides: dict) -> OpenAILLMService:
+        """The agent's sampling settings, on a service kept per distinct combination."""
+        temperature = overrides.get("temperature", self.settings.llm_temperature)
+        max_tokens = overrides.get("max_tokens", self.settings.llm_max_tokens)
+        key = (float(temperature), int(max_tokens))
+        if key not in self._services:
+            self._services[key] = make_llm_service(replace(
+                self.settings, llm_temperature=key[0], llm_max_tokens=key[1]), self.base_url)
+        return self._services[key]
 
     async def on_drain(self) -> None:
         await self.tasks.wait_idle()

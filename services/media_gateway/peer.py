@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("voxbus.gateway")
 
+CONNECT_GRACE_S = 20.0  # ICE + DTLS + first audio; a loaded machine can take seconds
 SEQ_HISTORY = 1500  # 30 s of 20 ms frames: when each sent frame left, to date speech ends
 LISTEN_AFTER_S = 0.4  # a drained buffer this long means the agent finished speaking
 
@@ -72,7 +73,8 @@ class PeerSession:
         self.state = "connecting"
         self.closed = asyncio.Event()
         self.frames_in = 0
-        self.last_audio_at = time.monotonic()
+        self.last_audio_at: float | None = None
+        self._created_at = time.monotonic()
         self._sent_at: dict[int, float] = {}
         self._seq = 0
         self._turn = 0
@@ -146,7 +148,12 @@ class PeerSession:
         idle_s = self.gateway.settings.gateway_idle_s
         while not self.closed.is_set():
             await asyncio.sleep(min(1.0, idle_s / 2))
-            if time.monotonic() - self.last_audio_at > idle_s:
+            now = time.monotonic()
+            if self.last_audio_at is None:
+                if now - self._created_at > max(idle_s, CONNECT_GRACE_S):
+                    await self.close("the browser never connected its audio")
+                    return
+            elif now - self.last_audio_at > idle_s:
                 await self.close(f"no audio from the browser for {idle_s:.0f} s")
                 return
 

@@ -120,8 +120,9 @@ class GatewayWorker(Service):
         try:
             answer = await peer.answer(sdp, kind)
         except VoxbusError as e:  # no orchestrator answered, or it could not start the session
-            await peer.close("no orchestrator")
-            return _error(503, f"cannot start the session: {e}")
+            await peer.close("session not started")
+            status = 400 if e.code == "bad_agent" else 503
+            return _error(status, f"cannot start the session: {e}")
         except Exception as e:  # garbage SDP, no audio, DTLS setup: the offer is what was bad
             await peer.close("bad offer")
             log.warning("refused offer for %s: %s: %s", grant.session, type(e).__name__, e)

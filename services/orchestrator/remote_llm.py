@@ -143,17 +143,21 @@ class RemoteLLM(OpenAILLMService):
                          **kwargs)
         self.s = session
         self.llm_settings = dict(llm_settings or {})
+        self._user_messages_seen = 0
 
     async def get_chat_completions(self, context: LLMContext) -> BusCompletionStream:
         params = await self.get_llm_adapter().get_llm_invocation_params(
             context, system_instruction=assert_given(self._settings.system_instruction),
             convert_developer_to_user=not self.supports_developer_role)
         messages = _plain(list(params["messages"]))
-        # A completion after tool results continues the bot's turn; any other starts one.
-        if messages and messages[-1].get("role") == "tool":
-            turn = self.s.turn
-        else:
+        # A completion after new user words starts a bot turn; one after tool results or a
+        # flow transition continues the current one.
+        user_messages = sum(1 for m in context.get_messages() if m.get("role") == "user")
+        if user_messages != self._user_messages_seen or self.s.turn == 0:
+            self._user_messages_seen = user_messages
             turn = self.s.begin_bot_turn()
+        else:
+            turn = self.s.turn
         tools = _plain(params.get("tools")) if _given(params.get("tools")) else []
         settings = dict(self.llm_settings)
         if _given(params.get("tool_choice")) and params.get("tool_choice") is not None:

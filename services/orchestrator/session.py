@@ -15,7 +15,8 @@ from pipecat.audio.turn.smart_turn.base_smart_turn import SmartTurnParams
 from pipecat.audio.turn.smart_turn.local_smart_turn_v3 import LocalSmartTurnAnalyzerV3
 from pipecat.audio.vad.silero import SileroVADAnalyzer
 from pipecat.audio.vad.vad_analyzer import VADParams
-from pipecat.frames.frames import InputAudioRawFrame
+from pipecat.flows import Flow, FlowManager
+from pipecat.frames.frames import BotStoppedSpeakingFrame, InputAudioRawFrame
 from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.aggregators.llm_response_universal import (
     LLMContextAggregatorPair,
@@ -27,14 +28,16 @@ from pipecat.turns.user_stop.turn_analyzer_user_turn_stop_strategy import (
 )
 from pipecat.turns.user_turn_strategies import UserTurnStrategies
 
+from services.orchestrator.agent import load_flow
 from services.orchestrator.proxies import BusAudioOutput, RemoteSTT, RemoteTTS
 from services.orchestrator.remote_llm import RemoteLLM
 from voxbus.bus import now_us
-from voxbus.pipecat_host import HostedPipeline
+from voxbus.pipecat_host import FrameTap, HostedPipeline
 from voxbus.subjects import Event
 from voxbus.wire import AudioIn, Frame, Metric, SessionEnd, Transcript, TurnEvent
 
 if TYPE_CHECKING:
+    from services.orchestrator.agent import AgentConfig
     from services.orchestrator.worker import OrchestratorWorker
 
 log = logging.getLogger("voxbus.orchestrator")
@@ -43,11 +46,13 @@ log = logging.getLogger("voxbus.orchestrator")
 class SessionRunner:
     """Owns one session's pipeline, its subscriptions and its per-turn latency bookkeeping."""
 
-    def __init__(self, worker: OrchestratorWorker, session: str, sample_rate: int):
+    def __init__(self, worker: OrchestratorWorker, session: str, sample_rate: int,
+                 agent: AgentConfig):
         self.worker = worker
         self.bus = worker.bus
         self.subjects = worker.subjects
         self.session = session
+        self.agent = agent
         self.sample_rate = sample_rate
         self.turn = 0
         self.tool_calls: list[str] = []
@@ -56,13 +61,16 @@ class SessionRunner:
         settings = worker.settings
 
         self.context = context = LLMContext()
+        turn_stop_s = agent.turn.turn_stop_s or settings.turn_stop_s
+        vad_stop_s = agent.turn.vad_stop_s or settings.vad_stop_s
         stop = TurnAnalyzerUserTurnStopStrategy(turn_analyzer=LocalSmartTurnAnalyzerV3(
-            params=SmartTurnParams(stop_secs=settings.turn_stop_s)))
+            params=SmartTurnParams(stop_secs=turn_stop_s)))
         aggregators = LLMContextAggregatorPair(context, user_params=LLMUserAggregatorParams(
             user_turn_strategies=UserTurnStrategies(stop=[stop])))
-        vad = SileroVADAnalyzer(params=VADParams(stop_secs=settings.vad_stop_s))
+        vad = SileroVADAnalyzer(params=VADParams(stop_secs=vad_stop_s))
         self.stt = RemoteSTT(self)
-        self.llm = RemoteLLM(self, system_instruction=settings.system_prompt)
+        self.llm = RemoteLLM(self, system_instruction=agent.system_prompt,
+                             llm_settings=agent.llm_request_settings())
         self.pipeline = HostedPipeline([
             VADProcessor(vad_analyzer=vad),
             self.stt,
@@ -70,11 +78,28 @@ class SessionRunner:
             self.llm,
             RemoteTTS(self),
             BusAudioOutput(self),
+            FrameTap((BotStoppedSpeakingFrame,), self._on_bot_stopped),
             aggregators.assistant(),
         ], name=f"orch-{session}", sample_rate=sample_rate, out_sample_rate=16000)
+        self.flow_manager: FlowManager | None = None
+        self._flow: Flow | None = None
+        if agent.flow:
+            self._flow = load_flow(agent)
+            self.flow_manager = FlowManager(llm=self.llm, context_aggregator=aggregators,
+                                            worker=self.pipeline.worker,
+                                            global_functions=self._flow.global_functions)
+        self._closing = False
+
+        @self.pipeline.worker.event_handler("on_pipeline_finished")
+        async def _finished(_worker, _frame):
+            if not self._closing:  # the agent ended the conversation (end_conversation)
+                self.worker.spawn(self.bus.publish(self.subjects.ctl(self.session), SessionEnd(
+                    session=self.session, reason="agent ended the conversation")))
 
     async def start(self) -> None:
         await self.pipeline.start()
+        if self.flow_manager and self._flow:
+            await self.flow_manager.initialize(self._flow.initial_node)
         sub = self.worker.subscribe
         self._subs = [
             await sub(self.subjects.audio_in(self.session), self._on_audio),
@@ -83,6 +108,7 @@ class SessionRunner:
         ]
 
     async def close(self) -> None:
+        self._closing = True
         for s in self._subs:
             try:
                 await s.unsubscribe()
@@ -113,6 +139,15 @@ class SessionRunner:
         else:
             # The VAD fires stop_secs after the last speech; date the speech end back.
             self._speech_stopped_at = time.monotonic() - (frame.stop_secs or 0.0)
+
+    @property
+    def node(self) -> str | None:
+        return self.flow_manager.current_node if self.flow_manager else None
+
+    async def _on_bot_stopped(self, _frame) -> None:
+        await self.publish_event(Event.TURN, TurnEvent(
+            turn=self.turn, state="bot_stopped", ts_us=now_us(), node=self.node,
+            tool_calls=list(self.tool_calls)))
 
     def note_tool_calls(self, names: list[str]) -> None:
         """Tool calls the LLM made in this turn (reported to clients with the turn)."""

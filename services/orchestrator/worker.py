@@ -6,6 +6,7 @@ import logging
 
 from nats.aio.msg import Msg
 
+from services.orchestrator.agent import load_agent
 from services.orchestrator.session import SessionRunner
 from voxbus.runner import Service
 from voxbus.subjects import Stage
@@ -33,11 +34,12 @@ class OrchestratorWorker(Service):
         if not isinstance(frame, SessionStart):
             raise TypeError(f"expected SessionStart, got {type(frame).__name__}")
         if frame.session not in self.runners:
+            agent = load_agent(frame.agent, self.settings.agents_dir)  # AgentError says why not
             # The STT stream is claimed first: without it the session cannot hear anything.
             await self.bus.request(self.subjects.work(Stage.STT),
                                    SttClaim(session=frame.session, sample_rate=frame.sample_rate),
                                    timeout=5.0)
-            runner = SessionRunner(self, frame.session, frame.sample_rate)
+            runner = SessionRunner(self, frame.session, frame.sample_rate, agent)
             self.runners[frame.session] = runner
             if self.on_session:
                 self.on_session(runner)
