@@ -175,21 +175,10 @@ class ReplayMic(MarkedMic):
     """
 
     async def recv(self):
-        if self.readyState != "live":
-            raise MediaStreamError
-        now = time.monotonic()  # MicTrack's real-time pacing
-        if self._start is None:
-            self._start = now
-        else:
-            self._pts += FRAME_SAMPLES
-            wait = self._start + self._pts / WIRE_RATE - now
-            if wait > 0:
-                await asyncio.sleep(wait)
-            elif wait < -0.2:
-                self._start = now - self._pts / WIRE_RATE
+        pts = await self._wait_for_slot()  # MicTrack's real-time pacing
         i = self._advance()
         packet = av.Packet(self._chunks[i])
-        packet.pts = self._pts
+        packet.pts = pts
         packet.time_base = WIRE_TIME_BASE
         self._sent(i)
         return packet

@@ -40,18 +40,50 @@ class InboundResampler:
             yield chunk
 
 
-class AgentAudioTrack(MediaStreamTrack):
-    """The agent's voice as a WebRTC track: a jitter buffer drained on a 20 ms clock."""
+class PacedTrack(MediaStreamTrack):
+    """An audio track that releases one 20 ms frame per 20 ms of wall time."""
 
     kind = "audio"
+
+    def __init__(self):
+        super().__init__()
+        self._start: float | None = None
+        self._pts = 0
+
+    async def _wait_for_slot(self) -> int:
+        """Sleep until the next frame is due; returns its pts (in wire-rate samples)."""
+        if self.readyState != "live":
+            raise MediaStreamError
+        now = time.monotonic()
+        if self._start is None:
+            self._start = now
+        else:
+            self._pts += FRAME_SAMPLES
+            wait = self._start + self._pts / WIRE_RATE - now
+            if wait > 0:
+                await asyncio.sleep(wait)
+            elif wait < -0.2:  # the loop stalled: resynchronise instead of bursting
+                self._start = now - self._pts / WIRE_RATE
+        return self._pts
+
+    @staticmethod
+    def _pcm_frame(pcm: bytes, pts: int) -> av.AudioFrame:
+        frame = av.AudioFrame(format="s16", layout="mono", samples=FRAME_SAMPLES)
+        frame.planes[0].update(pcm)
+        frame.pts = pts
+        frame.sample_rate = WIRE_RATE
+        frame.time_base = fractions.Fraction(1, WIRE_RATE)
+        return frame
+
+
+class AgentAudioTrack(PacedTrack):
+    """The agent's voice as a WebRTC track: a jitter buffer drained on a 20 ms clock."""
 
     def __init__(self, prebuffer_s: float = 0.06, on_playing=None, on_drained=None):
         super().__init__()
         self._buffer = bytearray()
         self._prebuffer = int(prebuffer_s / FRAME_S) * FRAME_BYTES
         self._playing = False
-        self._start: float | None = None
-        self._pts = 0
         self._on_playing = on_playing
         self._on_drained = on_drained
         self.frames_played = 0
@@ -97,21 +129,5 @@ class AgentAudioTrack(MediaStreamTrack):
         return SILENCE
 
     async def recv(self) -> av.AudioFrame:
-        if self.readyState != "live":
-            raise MediaStreamError
-        now = time.monotonic()
-        if self._start is None:
-            self._start = now
-        else:
-            self._pts += FRAME_SAMPLES
-            wait = self._start + self._pts / WIRE_RATE - now
-            if wait > 0:
-                await asyncio.sleep(wait)
-            elif wait < -0.2:  # the loop stalled: resynchronise instead of bursting
-                self._start = now - self._pts / WIRE_RATE
-        frame = av.AudioFrame(format="s16", layout="mono", samples=FRAME_SAMPLES)
-        frame.planes[0].update(self._next_chunk())
-        frame.pts = self._pts
-        frame.sample_rate = WIRE_RATE
-        frame.time_base = fractions.Fraction(1, WIRE_RATE)
-        return frame
+        pts = await self._wait_for_slot()
+        return self._pcm_frame(self._next_chunk(), pts)

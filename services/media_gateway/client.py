@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fractions
 import json
 import time
 
@@ -17,9 +16,9 @@ import aiohttp
 import av
 import numpy as np
 from aiortc import RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.mediastreams import MediaStreamError
 
-from services.media_gateway.audio_tracks import FRAME_BYTES, FRAME_SAMPLES
+from services.media_gateway.audio_tracks import FRAME_BYTES, PacedTrack
 from voxbus.audio import WIRE_RATE
 
 
@@ -30,19 +29,12 @@ class GatewayError(RuntimeError):
         self.message = message
 
 
-class MicTrack(MediaStreamTrack):
+class MicTrack(PacedTrack):
     """A microphone stand-in: queued PCM16 mono at the wire rate, silence when there is none."""
-
-    kind = "audio"
 
     def __init__(self):
         super().__init__()
         self._queue = bytearray()
-        self._start: float | None = None
-        self._pts = 0
-        self.paused = False
-        self.sent_at: list[tuple[float, bytes]] = []  # (wall time handed to the encoder, pcm)
-        self.record_sent = False
 
     def say(self, pcm: bytes) -> float:
         """Queue speech; returns how long until it has all been sent, in seconds."""
@@ -54,32 +46,10 @@ class MicTrack(MediaStreamTrack):
         return len(self._queue) / 2 / WIRE_RATE
 
     async def recv(self) -> av.AudioFrame:
-        if self.readyState != "live":
-            raise MediaStreamError
-        while self.paused:  # a frozen tab: nothing leaves
-            await asyncio.sleep(0.05)
-            if self.readyState != "live":
-                raise MediaStreamError
-        now = time.monotonic()
-        if self._start is None:
-            self._start = now
-        else:
-            self._pts += FRAME_SAMPLES
-            wait = self._start + self._pts / WIRE_RATE - now
-            if wait > 0:
-                await asyncio.sleep(wait)
-            elif wait < -0.2:
-                self._start = now - self._pts / WIRE_RATE
+        pts = await self._wait_for_slot()
         chunk = bytes(self._queue[:FRAME_BYTES]).ljust(FRAME_BYTES, b"\0")
         del self._queue[:FRAME_BYTES]
-        if self.record_sent:
-            self.sent_at.append((time.monotonic(), chunk))
-        frame = av.AudioFrame(format="s16", layout="mono", samples=FRAME_SAMPLES)
-        frame.planes[0].update(chunk)
-        frame.pts = self._pts
-        frame.sample_rate = WIRE_RATE
-        frame.time_base = fractions.Fraction(1, WIRE_RATE)
-        return frame
+        return self._pcm_frame(chunk, pts)
 
 
 class GatewayClient:
