@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import time
 import uuid
@@ -160,14 +161,17 @@ async def talk(
                     "e2e_latency": e2e}.items()})
             all_audio.extend(collector.audio)
             results.append(result)
-            if on_turn:
-                on_turn(result)
             return result
+
+        async def report(result: TurnResult) -> None:
+            """``on_turn`` may be a coroutine function: the conversation waits for it."""
+            if on_turn and inspect.isawaitable(done := on_turn(result)):
+                await done
 
         # An agent that speaks first (a flow's greeting) is heard out before the user talks.
         await until_reply_done(GREETING_WAIT_S)
         if collector.audio:
-            finish("", None)
+            await report(finish("", None))
         for path in wavs:
             if collector.ended:
                 break
@@ -185,7 +189,7 @@ async def talk(
                 if i >= len(body) - 50 and collector.first_audio_at is not None:
                     break
             await until_reply_done(turn_timeout_s)
-            finish(" ".join(collector.user_text).strip(), speech_end_at)
+            await report(finish(" ".join(collector.user_text).strip(), speech_end_at))
         if not collector.ended:
             await bus.publish(subjects.ctl(session), SessionEnd(session=session, reason="done"))
     finally:

@@ -121,7 +121,8 @@ class TurnEvent(Frame):
     TAG = Tag.TURN
     turn: int
     state: str
-    """``user_ended``, ``bot_stopped`` (the agent finished speaking), ``interrupted``."""
+    """``user_ended``, ``bot_stopped`` (the agent finished speaking), ``interrupted``,
+    ``resumed`` (another orchestrator replica took the session over)."""
     ts_us: int
     node: str | None = None
     """The agent's flow node after the turn (``bot_stopped``), for agents with a flow."""

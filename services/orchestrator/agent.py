@@ -35,11 +35,37 @@ class LlmSettings(_Strict):
     max_tokens: int | None = Field(default=None, gt=0, le=4096)
 
 
+RESUME_PROMPT = (
+    "Something that sounded like the user cut you off, but they said nothing that could be "
+    "understood. Carry on from where you were cut off, without apologising and without "
+    "repeating what you had already said.")
+IDLE_PROMPT = (
+    "The user has been silent for a while. In one short sentence, check whether they are still "
+    "there, or repeat your last question more simply.")
+IDLE_GOODBYE = "I'll hang up now as I can't hear you. Goodbye!"
+
+
 class TurnSettings(_Strict):
     vad_stop_s: float | None = Field(default=None, gt=0, le=2)
     """Silence before the VAD says the user stopped (transcription starts then)."""
     turn_stop_s: float | None = Field(default=None, gt=0, le=10)
     """Smart Turn's fallback: end an incomplete-sounding turn after this much silence."""
+    interruption_min_words: int = Field(default=0, ge=0, le=20)
+    """Words the user must say before they interrupt the agent (0 = any speech interrupts).
+    Counted on transcripts, so it trades barge-in speed for not stopping at "mm-hm"."""
+    false_interruption_prompt: str | None = RESUME_PROMPT
+    """What the LLM is told when an interruption turns out to be no speech (a cough, a door):
+    by default it resumes where it was cut off; null leaves the agent silent."""
+    idle_timeout_s: float = Field(default=0, ge=0, le=600)
+    """Silence from the user after the agent finished, before it prompts them (0 = never)."""
+    idle_prompts: int = Field(default=2, ge=0, le=10)
+    """How many times the agent prompts a silent user before it hangs up."""
+    idle_prompt: str = IDLE_PROMPT
+    idle_goodbye: str = IDLE_GOODBYE
+    """Said before hanging up on a user who stayed silent through every prompt."""
+    echo_gate: bool = True
+    """Ignore the agent's own voice coming back in the user's audio (speakerphones, no AEC),
+    judged against the agent's audio on the bus, so it cannot interrupt itself."""
 
 
 class FlowRef(_Strict):
@@ -53,6 +79,8 @@ class AgentConfig(_Strict):
     name: str = Field(pattern=_NAME.pattern)
     description: str = ""
     system_prompt: str = Field(min_length=1)
+    voice: str | None = None
+    """Piper voice for this agent (an .onnx path); null = the TTS stage's default voice."""
     llm: LlmSettings = LlmSettings()
     turn: TurnSettings = TurnSettings()
     flow: FlowRef | None = None

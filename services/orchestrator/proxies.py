@@ -120,7 +120,8 @@ class RemoteTTS(TTSService):
         finished = False
         try:
             await bus.publish(subjects.work(Stage.TTS), TtsRequest(
-                session=self.s.session, turn=turn, index=index, text=text), reply=reply)
+                session=self.s.session, turn=turn, index=index, text=text,
+                voice=self.s.agent.voice), reply=reply)
             first = True
             while True:
                 item = await asyncio.wait_for(queue.get(), STAGE_REPLY_TIMEOUT_S)
@@ -167,7 +168,8 @@ class BusAudioOutput(BaseOutputTransport):
         if self._clock is None or self._clock < now:
             self._clock = now
         await self.s.publish_audio(AudioOut(turn=self.s.turn, seq=self._seq,
-                                            sample_rate=frame.sample_rate, pcm=frame.audio))
+                                            sample_rate=frame.sample_rate, pcm=frame.audio),
+                                   play_at=self._clock)
         self._seq += 1
         self._clock += len(frame.audio) / 2 / frame.sample_rate
         ahead = self._clock - time.monotonic() - self.LEAD_S

@@ -58,6 +58,10 @@ def _chunk(delta: ChoiceDelta) -> ChatCompletionChunk:
                                choices=[Choice(index=0, delta=delta, finish_reason=None)])
 
 
+def _user_messages(context: LLMContext) -> int:
+    return sum(1 for m in context.get_messages() if isinstance(m, dict) and m.get("role") == "user")
+
+
 class BusCompletionStream:
     """An async iterator of chunks for one turn's reply subject; closing it early cancels the
     stage's work for the turn (Pipecat closes the stream when the user interrupts)."""
@@ -152,7 +156,7 @@ class RemoteLLM(OpenAILLMService):
         messages = _plain(list(params["messages"]))
         # A completion after new user words starts a bot turn; one after tool results or a
         # flow transition continues the current one.
-        user_messages = sum(1 for m in context.get_messages() if m.get("role") == "user")
+        user_messages = _user_messages(context)
         if user_messages != self._user_messages_seen or self.s.turn == 0:
             self._user_messages_seen = user_messages
             turn = self.s.begin_bot_turn()
@@ -167,6 +171,10 @@ class RemoteLLM(OpenAILLMService):
         reply = self.s.subjects.reply(self.s.session, Stage.LLM, turn, self._next_index(turn))
         stream = BusCompletionStream(self.s, turn, reply, time.monotonic())
         return await stream.open(request)
+
+    def resumed(self, context: LLMContext) -> None:
+        """The context was restored from a stored session: its user turns are already counted."""
+        self._user_messages_seen = _user_messages(context)
 
     def _next_index(self, turn: int) -> int:
         """Each completion of a turn (first, then after each tool round) has its own subject."""

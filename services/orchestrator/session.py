@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -16,25 +18,47 @@ from pipecat.audio.turn.smart_turn.local_smart_turn_v3 import LocalSmartTurnAnal
 from pipecat.audio.vad.silero import SileroVADAnalyzer
 from pipecat.audio.vad.vad_analyzer import VADParams
 from pipecat.flows import Flow, FlowManager
-from pipecat.frames.frames import BotStoppedSpeakingFrame, InputAudioRawFrame
+from pipecat.frames.frames import (
+    BotStoppedSpeakingFrame,
+    EndFrame,
+    InputAudioRawFrame,
+    LLMMessagesAppendFrame,
+    TTSSpeakFrame,
+)
 from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.aggregators.llm_response_universal import (
     LLMContextAggregatorPair,
     LLMUserAggregatorParams,
 )
 from pipecat.processors.audio.vad_processor import VADProcessor
+from pipecat.turns.empty_user_turn import EmptyUserTurnConfig
+from pipecat.turns.user_start.min_words_user_turn_start_strategy import (
+    MinWordsUserTurnStartStrategy,
+)
 from pipecat.turns.user_stop.turn_analyzer_user_turn_stop_strategy import (
     TurnAnalyzerUserTurnStopStrategy,
 )
 from pipecat.turns.user_turn_strategies import UserTurnStrategies
 
 from services.orchestrator.agent import load_flow
+from services.orchestrator.echo_gate import EchoGate
 from services.orchestrator.proxies import BusAudioOutput, RemoteSTT, RemoteTTS
 from services.orchestrator.remote_llm import RemoteLLM
+from services.orchestrator.session_store import Fenced, SessionRecord
+from voxbus.audio import WIRE_RATE
 from voxbus.bus import now_us
 from voxbus.pipecat_host import FrameTap, HostedPipeline
 from voxbus.subjects import Event
-from voxbus.wire import AudioIn, Frame, Metric, SessionEnd, Transcript, TurnEvent
+from voxbus.wire import (
+    AudioFlush,
+    AudioIn,
+    AudioOut,
+    Frame,
+    Metric,
+    SessionEnd,
+    Transcript,
+    TurnEvent,
+)
 
 if TYPE_CHECKING:
     from services.orchestrator.agent import AgentConfig
@@ -47,7 +71,7 @@ class SessionRunner:
     """Owns one session's pipeline, its subscriptions and its per-turn latency bookkeeping."""
 
     def __init__(self, worker: OrchestratorWorker, session: str, sample_rate: int,
-                 agent: AgentConfig):
+                 agent: AgentConfig, *, resume: SessionRecord | None = None):
         self.worker = worker
         self.bus = worker.bus
         self.subjects = worker.subjects
@@ -60,21 +84,43 @@ class SessionRunner:
         self._subs = []
         settings = worker.settings
 
-        self.context = context = LLMContext()
-        turn_stop_s = agent.turn.turn_stop_s or settings.turn_stop_s
-        vad_stop_s = agent.turn.vad_stop_s or settings.vad_stop_s
+        self.resume = resume
+        """The stored state this runner carries on from (another replica ran the session)."""
+        self.revision: int | None = None
+        self.stt_worker: str | None = resume.stt_worker if resume else None
+        self._saving: asyncio.Task | None = None
+        self._dirty = False
+        self.context = context = LLMContext(messages=list(resume.messages) if resume else None)
+        if resume:
+            self.turn = resume.turn
+        turn = agent.turn
+        turn_stop_s = turn.turn_stop_s or settings.turn_stop_s
+        vad_stop_s = turn.vad_stop_s or settings.vad_stop_s
         stop = TurnAnalyzerUserTurnStopStrategy(turn_analyzer=LocalSmartTurnAnalyzerV3(
             params=SmartTurnParams(stop_secs=turn_stop_s)))
+        # Pipecat's strategies: by default speech starts a turn (and interrupts); with a word
+        # minimum only transcripts do, one word when the agent is quiet, N while it speaks.
+        start = ([MinWordsUserTurnStartStrategy(min_words=turn.interruption_min_words)]
+                 if turn.interruption_min_words > 1 else None)
         aggregators = LLMContextAggregatorPair(context, user_params=LLMUserAggregatorParams(
-            user_turn_strategies=UserTurnStrategies(stop=[stop])))
+            user_turn_strategies=UserTurnStrategies(start=start, stop=[stop]),
+            user_idle_timeout=turn.idle_timeout_s,
+            empty_user_turn=EmptyUserTurnConfig(
+                interrupted_prompt=turn.false_interruption_prompt)))
+        self._idle_prompted = 0
+        self.end_reason = "agent ended the conversation"
+        # The reference (audio.out) is at the wire rate; other input rates go ungated.
+        self.echo_gate = EchoGate() if turn.echo_gate and sample_rate == WIRE_RATE else None
         vad = SileroVADAnalyzer(params=VADParams(stop_secs=vad_stop_s))
         self.stt = RemoteSTT(self)
         self.llm = RemoteLLM(self, system_instruction=agent.system_prompt,
                              llm_settings=agent.llm_request_settings())
+        user_aggregator = aggregators.user()
+        user_aggregator.add_event_handler("on_user_turn_idle", self._on_user_idle)
         self.pipeline = HostedPipeline([
             VADProcessor(vad_analyzer=vad),
             self.stt,
-            aggregators.user(),
+            user_aggregator,
             self.llm,
             RemoteTTS(self),
             BusAudioOutput(self),
@@ -94,12 +140,21 @@ class SessionRunner:
         async def _finished(_worker, _frame):
             if not self._closing:  # the agent ended the conversation (end_conversation)
                 self.worker.spawn(self.bus.publish(self.subjects.ctl(self.session), SessionEnd(
-                    session=self.session, reason="agent ended the conversation")))
+                    session=self.session, reason=self.end_reason)))
 
     async def start(self) -> None:
         await self.pipeline.start()
+        if self.resume:
+            self.llm.resumed(self.context)
         if self.flow_manager and self._flow:
-            await self.flow_manager.initialize(self._flow.initial_node)
+            if self.resume and self.resume.node:
+                # Carry on at the stored node: its state back, nothing said or done again.
+                self.flow_manager.state.update(self.resume.flow_state)
+                node = {**self._flow.node(self.resume.node), "respond_immediately": False}
+                node.pop("pre_actions", None)
+                await self.flow_manager.initialize(node)
+            else:
+                await self.flow_manager.initialize(self._flow.initial_node)
         sub = self.worker.subscribe
         self._subs = [
             await sub(self.subjects.audio_in(self.session), self._on_audio),
@@ -109,6 +164,8 @@ class SessionRunner:
 
     async def close(self) -> None:
         self._closing = True
+        if self._saving:
+            self._saving.cancel()
         for s in self._subs:
             try:
                 await s.unsubscribe()
@@ -121,8 +178,8 @@ class SessionRunner:
 
     async def _on_audio(self, frame: Frame, _msg: Msg) -> None:
         if isinstance(frame, AudioIn):
-            audio = InputAudioRawFrame(audio=frame.pcm, sample_rate=frame.sample_rate,
-                                       num_channels=1)
+            pcm = self.echo_gate.filter(frame.pcm) if self.echo_gate else frame.pcm
+            audio = InputAudioRawFrame(audio=pcm, sample_rate=frame.sample_rate, num_channels=1)
             audio.metadata["seq"] = frame.seq
             await self.pipeline.queue(audio)
 
@@ -144,7 +201,41 @@ class SessionRunner:
     def node(self) -> str | None:
         return self.flow_manager.current_node if self.flow_manager else None
 
+    # --- resumable state ------------------------------------------------------------
+
+    def snapshot(self, owner: str) -> SessionRecord:
+        messages = [m for m in self.context.get_messages() if isinstance(m, dict)]
+        flow_state = dict(self.flow_manager.state) if self.flow_manager else {}
+        return SessionRecord(
+            session=self.session, agent=self.agent.name, sample_rate=self.sample_rate,
+            owner=owner, turn=self.turn, node=self.node, stt_worker=self.stt_worker,
+            # Whatever a handler or the context holds, stored as the JSON it would print as.
+            flow_state=json.loads(json.dumps(flow_state, default=str)),
+            messages=json.loads(json.dumps(messages, default=str)))
+
+    def save_soon(self) -> None:
+        """Store the state in the background; writes coalesce, the live path never waits."""
+        self._dirty = True
+        if self.revision is not None and (self._saving is None or self._saving.done()):
+            self._saving = self.worker.spawn(self._save())
+
+    async def _save(self) -> None:
+        store = self.worker.store
+        while self._dirty and not self._closing and store and self.revision is not None:
+            self._dirty = False
+            try:
+                self.revision = await store.save(self.snapshot(self.worker.worker_id),
+                                                 self.revision)
+            except Fenced as e:
+                log.warning("%s: %s; stopping here", self.session, e)
+                self.worker.spawn(self.worker.end_session(self.session, forget=False))
+                return
+            except Exception as e:  # NATS reconnecting: the next turn's save retries
+                log.warning("%s: state not saved: %s", self.session, e)
+                return
+
     async def _on_bot_stopped(self, _frame) -> None:
+        self.save_soon()
         await self.publish_event(Event.TURN, TurnEvent(
             turn=self.turn, state="bot_stopped", ts_us=now_us(), node=self.node,
             tool_calls=list(self.tool_calls)))
@@ -154,7 +245,21 @@ class SessionRunner:
         self.tool_calls.extend(n for n in names if n)
 
     def note_transcript(self, _t: Transcript) -> None:
-        """Transcripts are the user's words for this turn; latency is measured at turn end."""
+        """The user said something: a silent spell that follows starts its count afresh."""
+        self._idle_prompted = 0
+
+    async def _on_user_idle(self, _aggregator) -> None:
+        """The user stayed silent after the agent finished: prompt them, or at last hang up."""
+        turn = self.agent.turn
+        if self._idle_prompted < turn.idle_prompts:
+            self._idle_prompted += 1
+            await self.pipeline.queue(LLMMessagesAppendFrame(
+                messages=[{"role": "developer", "content": turn.idle_prompt}], run_llm=True))
+            return
+        log.info("%s: user silent after %d prompts; hanging up", self.session, turn.idle_prompts)
+        self.end_reason = "user idle"
+        await self.pipeline.queue(TTSSpeakFrame(turn.idle_goodbye))
+        await self.pipeline.queue(EndFrame())
 
     def begin_bot_turn(self) -> int:
         """The user's turn ended and the context goes to the LLM: a new turn id."""
@@ -168,13 +273,19 @@ class SessionRunner:
         return self.turn
 
     async def interrupted(self) -> None:
+        self.save_soon()
         await self.publish_event(Event.TURN, TurnEvent(turn=self.turn, state="interrupted",
                                                        ts_us=now_us()))
 
     async def publish_event(self, kind: Event, frame: Frame) -> None:
         await self.bus.publish(self.subjects.event(self.session, kind), frame)
 
-    async def publish_audio(self, frame: Frame) -> None:
+    async def publish_audio(self, frame: Frame, play_at: float | None = None) -> None:
+        if self.echo_gate:
+            if isinstance(frame, AudioOut):
+                self.echo_gate.reference(frame.pcm, play_at or time.monotonic())
+            elif isinstance(frame, AudioFlush):
+                self.echo_gate.flush()
         await self.bus.publish(self.subjects.audio_out(self.session), frame)
 
     async def metric(self, name: str, value_ms: float, turn: int) -> None:

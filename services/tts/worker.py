@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 
 from nats.aio.msg import Msg
 from pipecat.frames.frames import ErrorFrame, TTSAudioRawFrame
+from pipecat.services.tts_service import TTSService
 from prometheus_client import Histogram
 
-from services.tts.engine import make_tts_service
+from services.tts.engine import make_tts_service, voice_path
 from voxbus.pipecat_host import HostedPipeline
 from voxbus.runner import Service
 from voxbus.stage_work import TurnTasks
@@ -18,6 +20,9 @@ from voxbus.subjects import Stage
 from voxbus.wire import Cancel, Frame, TtsAudio, TtsDone, TtsRequest
 
 log = logging.getLogger("voxbus.tts")
+
+MAX_VOICES = 4
+"""Voices one replica keeps loaded (each Piper voice is ~60 MB of ONNX weights)."""
 
 TTS_TTFA = Histogram("tts_ttfa_seconds", "TTS request to first audio chunk", buckets=(
     0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2))
@@ -32,14 +37,26 @@ class TtsWorker(Service):
         # Pipecat's TTS base keeps one streaming resampler: one synthesis at a time per
         # replica (the CPU is the limit anyway); replicas give concurrency.
         self._lock = asyncio.Lock()
+        self.voices: dict[Path, tuple[TTSService, HostedPipeline]] = {}
+        """Loaded voices, the default first; agents name others in TtsRequest.voice."""
 
     async def on_start(self) -> None:
-        self.service = await asyncio.to_thread(make_tts_service, self.settings)
-        # Hosting the service in a pipeline runs its setup/start (sample rate, metrics).
-        self.host = HostedPipeline([self.service], name="tts-host", out_sample_rate=16000)
-        await self.host.start()
+        self.service = await self._voice(None)
         await self.subscribe(self.subjects.work(self.stage), self._on_request, work=True)
         await self.subscribe(self.subjects.all_ctl(), self._on_ctl)
+
+    async def _voice(self, name: str | None) -> TTSService:
+        path = await asyncio.to_thread(voice_path, self.settings, name)
+        if path not in self.voices:
+            if len(self.voices) >= MAX_VOICES:  # keep the default, drop the oldest other
+                oldest = next(p for i, p in enumerate(self.voices) if i > 0)
+                await self.voices.pop(oldest)[1].stop()
+            service = await asyncio.to_thread(make_tts_service, self.settings, str(path))
+            # Hosting the service in a pipeline runs its setup/start (sample rate, metrics).
+            host = HostedPipeline([service], name=f"tts-{path.stem}", out_sample_rate=16000)
+            await host.start()
+            self.voices[path] = (service, host)
+        return self.voices[path][0]
 
     async def _on_request(self, frame: Frame, msg: Msg) -> None:
         if not isinstance(frame, TtsRequest):
@@ -59,7 +76,14 @@ class TtsWorker(Service):
         error = None
         try:
             async with self._lock:
-                async for out in self.service.run_tts(req.text, f"{req.session}-{req.turn}"):
+                try:
+                    service = await self._voice(req.voice)
+                except FileNotFoundError as e:
+                    error = f"unknown voice {req.voice!r}: {e}"
+                    await self.bus.report("unknown_voice", error, subject=self.subjects.ctl(
+                        req.session))
+                    return
+                async for out in service.run_tts(req.text, f"{req.session}-{req.turn}"):
                     if isinstance(out, TTSAudioRawFrame) and out.audio:
                         if ttfa is None:
                             ttfa = time.monotonic() - started
@@ -87,4 +111,5 @@ class TtsWorker(Service):
 
     async def on_stop(self) -> None:
         await self.tasks.cancel_all()
-        await self.host.stop()
+        for _service, host in self.voices.values():
+            await host.stop()

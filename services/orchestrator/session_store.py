@@ -1,0 +1,128 @@
+"""Where a session outlives its orchestrator: one JetStream KV entry per live session.
+
+The entry holds what a replica needs to carry a conversation on (agent, context messages, flow
+node and flow state, turn counter) and who owns it. Ownership changes only by compare-and-set
+on the entry's revision, so of several replicas racing to adopt an orphan exactly one wins, and
+an owner that was presumed dead finds out at its next save (the revision moved) and steps down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from nats.aio.client import Client
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from pydantic import BaseModel, ConfigDict, Field
+
+from voxbus.bus import now_us
+
+log = logging.getLogger("voxbus.orchestrator.store")
+
+RECORD_VERSION = 1
+
+
+class SessionRecord(BaseModel):
+    """A session's resumable state. JSON in the bucket, so ``nats kv get`` shows it plainly."""
+
+    model_config = ConfigDict(extra="ignore")
+    v: int = RECORD_VERSION
+    session: str
+    agent: str
+    sample_rate: int
+    owner: str
+    """Worker id of the replica running the session; empty while it is being handed over."""
+    turn: int = 0
+    node: str | None = None
+    flow_state: dict[str, Any] = Field(default_factory=dict)
+    messages: list[dict[str, Any]] = Field(default_factory=list)
+    stt_worker: str | None = None
+    updated_us: int = Field(default_factory=now_us)
+
+
+class Fenced(RuntimeError):
+    """Another replica owns the session now: this one must stop running it."""
+
+
+class SessionStore:
+    """The sessions bucket of one deployment prefix, with a live local mirror of its entries."""
+
+    def __init__(self, nc: Client, prefix: str, *, max_age_s: float = 24 * 3600):
+        self.bucket = f"voxbus_sessions_{prefix.replace('.', '_')}"
+        self._js = nc.jetstream()
+        self._max_age_s = max_age_s
+        self.kv = None
+        self.entries: dict[str, tuple[SessionRecord, int]] = {}
+        """session → (record, revision), kept current by a watcher."""
+        self._watcher = None
+        self._watch_task: asyncio.Task | None = None
+        self.synced = asyncio.Event()
+
+    async def open(self) -> SessionStore:
+        try:
+            self.kv = await self._js.key_value(self.bucket)
+        except BucketNotFoundError:
+            # Several replicas may create it at once; creating an identical bucket is a no-op.
+            self.kv = await self._js.create_key_value(bucket=self.bucket, history=1,
+                                                      ttl=self._max_age_s)
+        self._watcher = await self.kv.watchall()
+        self._watch_task = asyncio.create_task(self._follow(), name=f"{self.bucket}-watch")
+        return self
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            with contextlib.suppress(Exception):
+                await self._watcher.stop()
+        if self._watch_task:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._watch_task
+
+    async def _follow(self) -> None:
+        async for entry in self._watcher:
+            if entry is None:  # the initial values have all been delivered
+                self.synced.set()
+                continue
+            if entry.operation in ("DEL", "PURGE") or not entry.value:
+                self.entries.pop(entry.key, None)
+                continue
+            try:
+                record = SessionRecord.model_validate_json(entry.value)
+            except ValueError as e:
+                log.error("session entry %s is unreadable, ignored: %s", entry.key, e)
+                continue
+            self.entries[entry.key] = (record, entry.revision)
+
+    async def create(self, record: SessionRecord) -> int:
+        return await self.kv.create(record.session, record.model_dump_json().encode())
+
+    async def save(self, record: SessionRecord, revision: int) -> int:
+        """Write if nobody else has since ``revision``; :class:`Fenced` otherwise."""
+        record = record.model_copy(update={"updated_us": now_us()})
+        try:
+            return await self.kv.update(record.session, record.model_dump_json().encode(),
+                                        last=revision)
+        except KeyWrongLastSequenceError:
+            raise Fenced(f"session {record.session} was taken over") from None
+
+    async def adopt(self, session: str, owner: str) -> tuple[SessionRecord, int] | None:
+        """Make ``owner`` the owner of an orphaned session; None if another replica won."""
+        try:
+            entry = await self.kv.get(session)
+        except KeyNotFoundError:  # ended meanwhile
+            return None
+        if not entry.value:
+            return None
+        record = SessionRecord.model_validate_json(entry.value)
+        record = record.model_copy(update={"owner": owner})
+        try:
+            return record, await self.save(record, entry.revision)
+        except Fenced:
+            return None
+
+    async def delete(self, session: str, revision: int | None = None) -> None:
+        """Forget a finished session (only if it is still ours, when ``revision`` is given)."""
+        with contextlib.suppress(Exception):
+            await self.kv.delete(session, last=revision)

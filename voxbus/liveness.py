@@ -1,0 +1,62 @@
+"""Who is alive, from the heartbeats every replica publishes (see ``Service._heartbeats``)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from nats.aio.msg import Msg
+
+from voxbus.bus import Bus
+from voxbus.subjects import Stage
+from voxbus.wire import Frame, Heartbeat
+
+
+@dataclass
+class Seen:
+    at: float
+    sessions: set[str] = field(default_factory=set)
+    draining: bool = False
+
+
+class Liveness:
+    """Last heartbeat of every replica of some stages; a replica silent for ``lease_s`` is gone."""
+
+    def __init__(self, bus: Bus, lease_s: float):
+        self.bus = bus
+        self.lease_s = lease_s
+        self.seen: dict[str, Seen] = {}
+        self.since = time.monotonic()
+        self._subs = []
+
+    async def watch(self, *stages: Stage) -> Liveness:
+        for stage in stages:
+            self._subs.append(await self.bus.subscribe(self.bus.subjects.heartbeat(stage),
+                                                       self._on_heartbeat))
+        self.since = time.monotonic()
+        return self
+
+    async def close(self) -> None:
+        for sub in self._subs:
+            try:
+                await sub.unsubscribe()
+            except Exception:  # the connection is already closing
+                pass
+        self._subs = []
+
+    async def _on_heartbeat(self, frame: Frame, _msg: Msg) -> None:
+        if isinstance(frame, Heartbeat):
+            self.seen[frame.worker] = Seen(time.monotonic(), set(frame.sessions), frame.draining)
+
+    @property
+    def warm(self) -> bool:
+        """Listened long enough that a replica we have not heard from is really silent."""
+        return time.monotonic() - self.since >= self.lease_s
+
+    def alive(self, worker: str) -> bool:
+        seen = self.seen.get(worker)
+        return seen is not None and time.monotonic() - seen.at < self.lease_s
+
+    def serving(self, worker: str, session: str) -> bool:
+        seen = self.seen.get(worker)
+        return self.alive(worker) and seen is not None and session in seen.sessions
