@@ -20,7 +20,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from voxbus.errors import StageUnavailable, VoxbusError
-from voxbus.subjects import Event, Subjects
+from voxbus.subjects import Event, Stage, Subjects
 from voxbus.wire import ErrorEvent, Frame, WireError, decode, encode
 
 log = logging.getLogger("voxbus.bus")
@@ -29,6 +29,8 @@ TRACE_HEADER = "Voxbus-Trace"
 SESSION_HEADER = "Voxbus-Session"
 SENT_HEADER = "Voxbus-Sent-Us"
 """Publish time in µs, so receivers can measure the bus hop."""
+REPLY_HEADER = "Voxbus-Reply"
+"""On a work request's session copy: the reply subject the original asked for."""
 
 Handler = Callable[[Frame, Msg], Awaitable[None]]
 
@@ -45,6 +47,7 @@ class Bus:
         self.subjects = subjects
         self.service = service
         self.bad_frames = 0
+        self._work_stages = {subjects.work(stage): stage for stage in Stage}
 
     @classmethod
     async def connect(
@@ -82,12 +85,39 @@ class Bus:
         session = Subjects.session_of(subject)
         if session:
             headers[SESSION_HEADER] = session
-        await self.nc.publish(subject, encode(frame), reply=reply, headers=headers)
+        data = encode(frame)
+        await self.nc.publish(subject, data, reply=reply, headers=headers)
+        await self._copy_work(subject, frame, data, reply)
+
+    async def _copy_work(self, subject: str, frame: Frame, data: bytes, reply: str) -> None:
+        """Copy a work request onto its session's ``work.<stage>`` subject, for the recording.
+
+        Work subjects carry no session, and a stream over them would answer for absent stages
+        (NATS then never says "no responders"); the copy has no reply subject and nobody acts
+        on it, so only the session's recording sees it.
+        """
+        stage = self._work_stages.get(subject)
+        session = getattr(frame, "session", None)
+        if stage is None or not isinstance(session, str):
+            return
+        try:
+            copy = self.subjects.work_copy(session, stage)
+        except ValueError:
+            return  # not a session id: the stage refuses the request and reports it
+        headers = {SENT_HEADER: str(now_us()), SESSION_HEADER: session}
+        if reply:
+            headers[REPLY_HEADER] = reply
+        try:
+            await self.nc.publish(copy, data, headers=headers)
+        except Exception as e:  # the recording's copy must never fail the request itself
+            log.warning("%s: work request not copied to %s: %s", self.service, copy, e)
 
     async def request(self, subject: str, frame: Frame, *, timeout: float = 2.0) -> Frame:
         """Request-reply to a queue group; a missing stage is ``StageUnavailable``."""
+        data = encode(frame)
+        await self._copy_work(subject, frame, data, "")
         try:
-            msg = await self.nc.request(subject, encode(frame), timeout=timeout)
+            msg = await self.nc.request(subject, data, timeout=timeout)
         except (NoRespondersError, NatsTimeout) as e:
             raise StageUnavailable(f"no reply on {subject}: {type(e).__name__}") from None
         reply = decode(msg.data)

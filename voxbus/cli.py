@@ -1,4 +1,4 @@
-"""The one entry point: ``voxbus up | talk | token | stt | llm | tts | orchestrator | gateway``."""
+"""The one entry point: ``voxbus up | talk | record | sessions | replay | token | <stage>``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import sys
+from pathlib import Path
 
 
 def _run_service(name: str) -> int:
@@ -24,6 +25,93 @@ def _run_service(name: str) -> int:
         from services.orchestrator.worker import OrchestratorWorker as cls
     asyncio.run(run_forever(cls()))
     return 0
+
+
+def _recordings(args) -> int:
+    """``voxbus sessions | record | replay``: recordings in JetStream and in files."""
+    import json
+    from dataclasses import asdict
+    from datetime import datetime
+
+    from voxbus import recording
+    from voxbus.config import Settings
+    from voxbus.replay import (
+        Replayer,
+        format_corpus,
+        format_report,
+        recording_files,
+        replay_paths,
+        to_json,
+    )
+    from voxbus.timeline import write_timeline
+
+    settings = Settings()
+    if args.cmd == "sessions":
+        async def listed():
+            async with recording.Recorder(args.nats, settings.prefix) as rec:
+                return await rec.sessions()
+
+        found = asyncio.run(listed())
+        if not found and not args.json:
+            print(f"no recorded sessions for prefix {settings.prefix!r}")
+        for s in found:
+            when = datetime.fromtimestamp(s.started_at_us / 1e6).strftime("%Y-%m-%d %H:%M:%S")
+            print(json.dumps(asdict(s)) if args.json else
+                  f"{s.session:<14} {when}  {s.duration_s:7.1f} s  {s.messages:6d} msgs  "
+                  f"agent {s.agent or '-':<12} {'ended: ' + s.ended if s.ended else 'open'}")
+        return 0
+    if args.cmd == "record":
+        if not args.session and not args.enable:
+            print("voxbus record: name a session (see voxbus sessions)", file=sys.stderr)
+            return 2
+
+        async def exported():
+            async with recording.Recorder(args.nats, settings.prefix) as rec:
+                if args.enable:
+                    await rec.enable(max_age_s=settings.record_max_age_s,
+                                     max_bytes=settings.record_max_bytes)
+                    print(f"recording sessions of prefix {settings.prefix!r} in {rec.stream}")
+                return await rec.export(args.session) if args.session else None
+
+        rec = asyncio.run(exported())
+        if rec is not None:
+            path = recording.write(args.output or f"{args.session}{recording.SUFFIX}", rec)
+            print(f"{path}: session {args.session}, {len(rec.messages)} messages, "
+                  f"{rec.duration_s:.1f} s")
+        return 0
+    target = Path(args.path)
+    if args.timeline:
+        if target.is_dir():
+            print("voxbus replay: --timeline draws one file, not a folder", file=sys.stderr)
+            return 2
+        rec = recording.read(target)
+        out = write_timeline(rec, args.timeline)
+        print(f"{out}: timeline of session {rec.header.session}, {rec.duration_s:.1f} s")
+        return 0
+    files = recording_files(target)
+    corpus = target.is_dir()
+
+    def show(report) -> None:
+        if not args.json:
+            print(format_report(report) + ("\n" if corpus else ""), flush=True)
+
+    async def replayed():
+        async with Replayer(args.nats, settings.prefix, speed=args.speed,
+                            agent=args.agent) as rp:
+            return await replay_paths(rp, files, args.stage or "live", on_report=show)
+
+    reports = asyncio.run(replayed())
+    if args.save and not corpus and reports[0].replayed is not None:
+        recording.write(args.save, reports[0].replayed)
+        print(f"{args.save}: the replayed session {reports[0].replayed_session}",
+              file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(to_json(reports))
+    elif corpus:
+        print(format_corpus(reports))
+    if any(r.error for r in reports):
+        return 1
+    return 3 if args.check and any(r.changed for r in reports) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +137,41 @@ def main(argv: list[str] | None = None) -> int:
     p_talk.add_argument("--out", help="save the agent's audio to this WAV")
     p_talk.add_argument("--agent", default="chat")
 
+    nats_default = os.environ.get("VOXBUS_NATS_URL", "nats://127.0.0.1:4222")
+    p_sessions = sub.add_parser("sessions", help="list the recorded sessions")
+    p_sessions.add_argument("--nats", default=nats_default)
+    p_sessions.add_argument("--json", action="store_true", help="one JSON object per session")
+
+    p_record = sub.add_parser("record", help="export a recorded session to a file")
+    p_record.add_argument("session", nargs="?", help="session id (see voxbus sessions)")
+    p_record.add_argument("-o", "--output", help="file to write (default SESSION.vxrec)")
+    p_record.add_argument("--nats", default=nats_default)
+    p_record.add_argument("--enable", action="store_true",
+                          help="turn recording on for this NATS and prefix (VOXBUS_RECORD_*)")
+
+    p_replay = sub.add_parser("replay", help="replay a recording (or a folder of them)")
+    p_replay.add_argument("path", help="a .vxrec file, or a folder of them (corpus regression)")
+    p_replay.add_argument("--nats", default=nats_default)
+    p_replay.add_argument("--stage", choices=("stt", "llm", "tts"),
+                          help="feed the recorded inputs of this stage only")
+    p_replay.add_argument("--speed", type=float, default=1.0,
+                          help="feed recorded audio this many times faster (default 1)")
+    p_replay.add_argument("--agent", help="run the replay with this agent instead")
+    p_replay.add_argument("--timeline", metavar="OUT.html",
+                          help="draw the recording as a timeline instead of replaying it")
+    p_replay.add_argument("--save", metavar="NEW.vxrec", help="write the replayed session here")
+    p_replay.add_argument("--json", action="store_true", help="machine-readable comparison")
+    p_replay.add_argument("--check", action="store_true",
+                          help="exit 3 when a session changed (for CI)")
+
     args = parser.parse_args(argv)
+    if args.cmd in ("sessions", "record", "replay"):
+        from voxbus.errors import VoxbusError
+        try:
+            return _recordings(args)
+        except (ConnectionError, OSError, ValueError, VoxbusError) as e:
+            print(f"voxbus {args.cmd}: {e}", file=sys.stderr)
+            return 2
     if args.cmd == "up":
         from voxbus.runner import configure_logging
         from voxbus.up import up

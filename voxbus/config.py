@@ -85,3 +85,20 @@ class Settings:
     vad_stop_s: float = field(default_factory=lambda: _float("VOXBUS_VAD_STOP_S", 0.2))
     turn_stop_s: float = field(default_factory=lambda: _float("VOXBUS_TURN_STOP_S", 1.5))
     """Smart Turn's fallback: end the turn after this much silence even if judged incomplete."""
+
+    # Recording (JetStream)
+    record: bool = field(
+        default_factory=lambda: _env("VOXBUS_RECORD", "1") not in ("0", "false", "no")
+    )
+    """``voxbus up`` records every session into a JetStream stream (see voxbus/recording.py)."""
+    record_max_age_s: float = field(
+        default_factory=lambda: _float("VOXBUS_RECORD_MAX_AGE_S", 86400.0)
+    )
+    """Recorded frames older than this are dropped; 0 = no age limit."""
+    record_max_bytes: int = field(
+        default_factory=lambda: int(_float("VOXBUS_RECORD_MAX_BYTES", 1024**3))
+    )
+    """The recording stream's size cap; the oldest frames go first. -1 = no size limit."""
+    jetstream_dir: str = field(default_factory=lambda: _env("VOXBUS_JETSTREAM_DIR", ""))
+    """Where ``voxbus up``'s own nats-server keeps JetStream (recordings survive restarts);
+    empty = a temporary folder removed when it stops."""

@@ -7,6 +7,7 @@ Layout (``<p>`` is the deployment prefix, ``vox`` by default)::
     <p>.sess.<session>.evt.<kind>        events: vad, turn, transcript, bot, metric, error
     <p>.sess.<session>.ctl               control: Cancel, SessionEnd
     <p>.sess.<session>.reply.<stage>.<turn>   streamed replies of one turn's stage work
+    <p>.sess.<session>.work.<stage>      copies of the session's work requests, for its recording
     <p>.work.<stage>                     work requests; queue group = stage name
     <p>.hb.<stage>                       worker heartbeats
     <p>.err                              errors not tied to a session
@@ -78,6 +79,14 @@ class Subjects:
 
     def reply(self, session: str, stage: Stage, turn: int, index: int = 0) -> str:
         return f"{self.session_root(session)}.reply.{Stage(stage).value}.{int(turn)}.{int(index)}"
+
+    def work_copy(self, session: str, stage: Stage) -> str:
+        """Where the bus copies a session's work request so the session's recording holds it."""
+        return f"{self.session_root(session)}.work.{Stage(stage).value}"
+
+    def session_all(self, session: str) -> str:
+        """Every subject of one session: what its recording captures."""
+        return f"{self.session_root(session)}.>"
 
     def all_sessions(self) -> str:
         return f"{self.prefix}.sess.>"

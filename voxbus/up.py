@@ -9,8 +9,10 @@ import os
 import signal
 import sys
 
+from voxbus.config import Settings
 from voxbus.llm_server import MODEL_ALIAS, LocalLlmServer
 from voxbus.natsd import NatsServer
+from voxbus.recording import Recorder
 
 log = logging.getLogger("voxbus.up")
 
@@ -57,6 +59,18 @@ class Child:
             await self.proc.wait()
 
 
+async def record_sessions(nats_url: str, settings: Settings) -> None:
+    """Turn on the recording stream (on by default; ``VOXBUS_RECORD=0`` leaves it off)."""
+    async with Recorder(nats_url, settings.prefix) as recorder:
+        await recorder.enable(max_age_s=settings.record_max_age_s,
+                              max_bytes=settings.record_max_bytes)
+    age = f"{settings.record_max_age_s / 3600:g} h" if settings.record_max_age_s > 0 else "no"
+    size = (f"{settings.record_max_bytes / 2**20:g} MiB" if settings.record_max_bytes > 0
+            else "no")
+    print(f"recording sessions in JetStream stream {recorder.stream} ({age} age limit, {size} "
+          "size limit): voxbus sessions / record / replay", flush=True)
+
+
 async def up(nats_port: int, http_port: int) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -67,10 +81,14 @@ async def up(nats_port: int, http_port: int) -> int:
     nats = llm = None
     children: list[Child] = []
     try:
+        settings = Settings()
         if not env.get("VOXBUS_NATS_URL"):
-            nats = await asyncio.to_thread(NatsServer(nats_port).start)
+            store = settings.jetstream_dir or None
+            nats = await asyncio.to_thread(NatsServer(nats_port, store_dir=store).start)
             env["VOXBUS_NATS_URL"] = nats.url
             print(f"nats-server with JetStream on {nats.url}", flush=True)
+        if settings.record:
+            await record_sessions(env["VOXBUS_NATS_URL"], settings)
         if not env.get("OPENAI_BASE_URL"):
             print("starting local LLM endpoint (llama-cpp-python, SmolLM2-135M)...", flush=True)
             llm = await asyncio.to_thread(LocalLlmServer().start)
