@@ -113,3 +113,22 @@ async def stages(settings, llm_endpoint):
 @pytest.fixture
 def system(stages) -> Settings:
     return stages.settings
+
+
+async def bounded(awaitable, seconds: float, what: str):
+    """Await with a deadline; past it, fail with every task's stack (a hang becomes a report)."""
+    import asyncio
+    import sys
+
+    try:
+        return await asyncio.wait_for(awaitable, seconds)
+    except TimeoutError:
+        for task in asyncio.all_tasks():
+            stack = task.get_stack()
+            if any("voxbus" in f.f_code.co_filename or "/services/" in f.f_code.co_filename
+                   or "/tests/" in f.f_code.co_filename for f in stack):
+                print(f"--- {task.get_name()}", file=sys.stderr)
+                for f in stack:
+                    print(f"    {f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}",
+                          file=sys.stderr)
+        raise AssertionError(f"{what} did not finish within {seconds:.0f} s") from None

@@ -7,7 +7,7 @@ queued into the pipeline, and a :class:`FrameTap` at its end hands chosen frames
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 
 from pipecat.frames.frames import EndFrame, Frame
@@ -15,6 +15,8 @@ from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.workers.runner import WorkerRunner
+
+log = logging.getLogger("voxbus.pipecat")
 
 OnFrame = Callable[[Frame], Awaitable[None]]
 
@@ -70,18 +72,20 @@ class HostedPipeline:
         await self.worker.queue_frame(frame)
 
     async def stop(self, *, graceful: bool = False, timeout: float = 5.0) -> None:
+        """End the pipeline (``graceful``: let queued frames finish first), never waiting on it
+        for more than a few ``timeout``s: a processor that will not stop is logged and left."""
         if self._task is None:
             return
         task, self._task = self._task, None
         if graceful:
             await self.worker.queue_frame(EndFrame())
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(task), timeout)
+            await asyncio.wait({task}, timeout=timeout)
         if not task.done():
             await self.worker.cancel()
-            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(task, timeout)
+            await asyncio.wait({task}, timeout=timeout)
         if not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait({task}, timeout=timeout)
+        if not task.done():
+            log.error("pipeline %s did not stop within %.0f s; abandoning it",
+                      self.worker.name, (3 if graceful else 2) * timeout)

@@ -19,7 +19,8 @@ FRAME_S = 0.02
 
 class EchoGate:
     def __init__(self, sample_rate: int = 16000, *, max_delay_s: float = 0.6,
-                 window_s: float = 0.2, threshold: float = 0.8, lag_tolerance_s: float = 0.004):
+                 window_s: float = 0.2, threshold: float = 0.8, lag_tolerance_s: float = 0.004,
+                 min_rms: float = 150.0):
         self.rate = sample_rate
         self.max_delay_s = max_delay_s
         self.window = int(window_s * sample_rate)
@@ -31,6 +32,9 @@ class EchoGate:
         """The echo path's delay once seen; echo keeps it, a voice that merely sounds alike
         correlates at some other lag."""
         self.lag_tolerance_s = lag_tolerance_s
+        self.min_rms = min_rms
+        """Quieter frames pass untouched and cost nothing: too faint for the VAD anyway (and
+        what a browser's own echo cancellation leaves behind)."""
         self.gated = 0
         """Frames replaced by silence so far (for metrics and tests)."""
 
@@ -51,7 +55,7 @@ class EchoGate:
         """The frame as the VAD should hear it: unchanged, or silence if it is echo."""
         frame = np.frombuffer(pcm, dtype="<i2").astype(np.float32)
         self._mic = np.concatenate([self._mic[frame.size:], frame])
-        if not self._reference:
+        if not self._reference or np.sqrt(np.mean(frame ** 2)) < self.min_rms:
             return pcm
         now = time.monotonic() if now is None else now
         start = now - self.max_delay_s - self.window / self.rate

@@ -6,6 +6,11 @@ import time
 
 import pytest
 
+from voxbus import recording
+from voxbus.recording import Recorder
+from voxbus.timeline import write_timeline
+from voxbus.turns import SessionView
+
 pytestmark = pytest.mark.slow
 
 INBOUND_AUDIO = """async () => {
@@ -20,7 +25,8 @@ INBOUND_AUDIO = """async () => {
 }"""
 
 
-async def test_talk_to_the_agent_in_chromium(voxbus_up, chromium_with_mic, speak, tmp_path):
+async def test_talk_to_the_agent_in_chromium(voxbus_up, chromium_with_mic, speak, tmp_path,
+                                             nats_server, prefix):
     # Silence first: the fake microphone starts before the peer connection is up.
     wav = speak("What is the capital of France?", lead_s=3.0, tail_s=12.0)
     page = await chromium_with_mic(wav)
@@ -57,3 +63,15 @@ async def test_talk_to_the_agent_in_chromium(voxbus_up, chromium_with_mic, speak
     await page.get_by_test_id("connect").click()  # hang up
     await page.wait_for_function(
         "() => document.querySelector('[data-testid=state]').dataset.state === 'idle'")
+
+    # `voxbus up` recorded the browser's session: it exports, and its timeline draws.
+    async with Recorder(nats_server.url, prefix) as recorder:
+        sessions = await recorder.sessions()
+        assert len(sessions) == 1 and sessions[0].agent == "chat", sessions
+        exported = await recorder.export(sessions[0].session)
+    path = recording.write(tmp_path / "browser.vxrec", exported)
+    view = SessionView(recording.read(path))
+    assert any("france" in t.user_text.lower() for t in view.turns), view.turns
+    assert view.audio_out
+    timeline = write_timeline(recording.read(path), tmp_path / "browser.html")
+    assert "France" in timeline.read_text()

@@ -61,3 +61,35 @@ async def waiter_stages(settings):
         await svc.stop()
     await endpoint.stop()
 
+
+
+@pytest.fixture(autouse=True)
+async def _hang_report():
+    """A whole conversation takes under a minute: past 150 s, print every task's stack (from a
+    thread, so it works when the loop is stuck) so a hang in CI says where it is."""
+    import asyncio
+    import sys
+    import threading
+    import time
+
+    loop = asyncio.get_running_loop()
+
+    def dump():
+        time.sleep(150)
+        if loop.is_closed():
+            return
+        for task in asyncio.all_tasks(loop):
+            print(f"--- {task!r}"[:300], file=sys.stderr)
+            coro = task.get_coro()
+            while coro is not None:
+                frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+                if frame is None:
+                    print(f"    awaiting {coro!r}"[:300], file=sys.stderr)
+                    break
+                print(f"    {frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}",
+                      file=sys.stderr)
+                coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+        sys.stderr.flush()
+
+    threading.Thread(target=dump, daemon=True).start()
+    yield

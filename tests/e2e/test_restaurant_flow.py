@@ -8,17 +8,18 @@ import re
 import pytest
 
 from services.orchestrator.worker import OrchestratorWorker
+from tests.conftest import bounded
 from tests.e2e.conftest import SAYS, WALK
 from voxbus.talk import talk
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.turn_race]
 
 
 async def test_booking_walks_the_flow_to_the_end(waiter_stages, answers):
     s, endpoint = waiter_stages.settings, waiter_stages.endpoint
     async with OrchestratorWorker(s):
-        turns = await talk(s.nats_url, answers, prefix=s.prefix, agent="restaurant",
-                           turn_timeout_s=30)
+        turns = await bounded(talk(s.nats_url, answers, prefix=s.prefix, agent="restaurant",
+                                   turn_timeout_s=30), 240, "the booking")
     summary = [(t.node, t.tool_calls) for t in turns]
     assert summary == WALK, [(t.user_text, t.bot_text, t.errors) for t in turns]
     assert turns[0].bot_text == SAYS["record_party_size"] and turns[0].reply_audio_s > 1

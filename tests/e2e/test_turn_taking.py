@@ -11,6 +11,7 @@ import asyncio
 import time
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from services.llm.worker import LlmWorker
@@ -20,7 +21,7 @@ from services.tts.worker import TtsWorker
 from tests.e2e.caller import Caller
 from tests.scripted_openai import ScriptedOpenAI, Step
 from voxbus.audio import duration_s, read_wav
-from voxbus.wire import AudioFlush, AudioOut, BotText, SessionEnd, TurnEvent
+from voxbus.wire import AudioFlush, AudioOut, BotText, SessionEnd, Transcript, TurnEvent
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +37,9 @@ AGENTS = {
     "eager": "turn: {interruption_min_words: 0}",
     "patient": "turn: {interruption_min_words: 3}",
     "idler": "turn: {idle_timeout_s: 1.5, idle_prompts: 1}",
+    "stoic": "turn: {false_interruption_prompt: null}",
 }
+RESUMED = "As I was saying, the wine list has a lovely Burgundy."
 
 
 def host(body: dict) -> Step:
@@ -44,6 +47,8 @@ def host(body: dict) -> Step:
     last = str(body["messages"][-1].get("content", ""))
     if "silent for a while" in last:
         return Step(text=STILL_THERE)
+    if "cut you off" in last:
+        return Step(text=RESUMED)
     return Step(text=SHORT if "IDLER" in system else LONG)
 
 
@@ -130,3 +135,34 @@ async def test_silent_user_is_prompted_then_hung_up_on(system, speak):
         said = [h.frame.text for h in caller.frames_of(BotText)]
         assert said[0] == SHORT and said[1] == STILL_THERE and "Goodbye" in said[-1], said
         assert len(caller.frames_of(AudioOut, prompt.at)) > 50  # the goodbye was spoken
+
+
+def humming(speech: bytes) -> bytes:
+    """A hum with the rhythm of speech: Silero hears a voice, Whisper hears no words."""
+    x = np.frombuffer(speech, "<i2").astype(np.float64)
+    envelope = np.sqrt(np.convolve(x ** 2, np.ones(160) / 160, "same"))[:32000]
+    tone = np.sin(2 * np.pi * 180 * np.arange(envelope.size) / 16000)
+    return np.clip(tone * envelope * 2.4, -32768, 32767).astype("<i2").tobytes()
+
+
+@pytest.mark.parametrize("agent", ["eager", "stoic"])
+async def test_false_interruption_recovery(system, speak, agent):
+    s, _ = system
+    question = read_wav(speak("What is on the menu tonight?"))
+    hum = humming(read_wav(speak("Well, I was thinking about maybe having something different.",
+                                 lead_s=0)))
+    async with Caller(s, agent) as caller:
+        caller.say(question)
+        await reply_started(caller)
+        await asyncio.sleep(1.5)
+        hummed = time.monotonic()
+        caller.say(hum)
+        await caller.wait_for(lambda f: isinstance(f, AudioFlush), 10, "the interruption")
+        if agent == "eager":  # the default: the agent picks up where it was cut off
+            await caller.wait_for(lambda f: isinstance(f, BotText) and f.text == RESUMED, 20,
+                                  "the agent resuming")
+        else:  # recovery off: it stays quiet and waits for the user
+            await asyncio.sleep(6)
+            assert not caller.frames_of(BotText, hummed + 0.5)
+        # It really was no speech: the STT stage heard no words in the hum.
+        assert not [h for h in caller.frames_of(Transcript, hummed) if h.frame.text]
