@@ -67,12 +67,19 @@ class RemoteSTT(FrameProcessor):
         super().__init__(**kwargs)
         self.s = session
         self.last_seq = 0
+        self.stop_seq = -1
+        """Audio seq of the last VAD stop: the segment the next transcript should close."""
+        self.speaking = False
 
     async def on_transcript(self, frame, _msg: Msg) -> None:
         if isinstance(frame, Transcript) and frame.final and frame.text:
             self.s.note_transcript(frame)
+            # Final for the turn only if it covers the latest segment: a transcript of an
+            # earlier segment that lands after the user spoke again ("Yes." ... "that is
+            # right") must not end the turn before the rest of it is transcribed.
+            finalized = frame.seq >= self.stop_seq and not self.speaking
             await self.push_frame(TranscriptionFrame(frame.text, "", time_now_iso8601(),
-                                                     finalized=True))
+                                                     finalized=finalized))
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
         await super().process_frame(frame, direction)
@@ -86,6 +93,9 @@ class RemoteSTT(FrameProcessor):
             self.last_seq = frame.metadata.get("seq", self.last_seq)
         elif isinstance(frame, VADUserStartedSpeakingFrame | VADUserStoppedSpeakingFrame):
             started = isinstance(frame, VADUserStartedSpeakingFrame)
+            self.speaking = started
+            if not started:
+                self.stop_seq = self.last_seq
             self.s.note_vad(started, frame)
             await self.s.publish_event(Event.VAD, VadEvent(
                 state=VadState.STARTED if started else VadState.STOPPED,

@@ -19,7 +19,7 @@ from tests.conftest import bounded
 from tests.e2e.conftest import WALK
 from voxbus.talk import talk
 
-pytestmark = [pytest.mark.slow, pytest.mark.turn_race]
+pytestmark = pytest.mark.slow
 
 LEASE_S = 1.5
 

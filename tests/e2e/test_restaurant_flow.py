@@ -12,7 +12,7 @@ from tests.conftest import bounded
 from tests.e2e.conftest import SAYS, WALK
 from voxbus.talk import talk
 
-pytestmark = [pytest.mark.slow, pytest.mark.turn_race]
+pytestmark = pytest.mark.slow
 
 
 async def test_booking_walks_the_flow_to_the_end(waiter_stages, answers):

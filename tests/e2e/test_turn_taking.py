@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -64,7 +65,7 @@ async def system(settings, tmp_path):
                 orchestrator]
     for svc in services:
         await svc.start()
-    yield s, orchestrator
+    yield SimpleNamespace(settings=s, orchestrator=orchestrator, endpoint=endpoint)
     for svc in reversed(services):
         await svc.stop()
     await endpoint.stop()
@@ -81,7 +82,7 @@ async def reply_started(caller: Caller) -> float:
 
 @pytest.mark.parametrize("gate", [True, False], ids=["gated", "ungated"])
 async def test_agents_echo_does_not_interrupt_it(system, speak, gate):
-    s, orchestrator = system
+    s, orchestrator = system.settings, system.orchestrator
     question = read_wav(speak("What is on the menu tonight?"))
     agent = "speaker" if gate else "speaker_no_gate"
     async with Caller(s, agent, echo_gain=0.5, echo_delay_s=0.12) as caller:
@@ -101,7 +102,7 @@ async def test_agents_echo_does_not_interrupt_it(system, speak, gate):
 
 @pytest.mark.parametrize("agent", ["eager", "patient"])
 async def test_word_minimum_for_interruptions(system, speak, agent):
-    s, _ = system
+    s = system.settings
     question, okay = read_wav(speak("What is on the menu tonight?")), read_wav(speak("Okay."))
     stop = read_wav(speak("Wait, please stop, I have another question."))
     async with Caller(s, agent) as caller:
@@ -122,7 +123,7 @@ async def test_word_minimum_for_interruptions(system, speak, agent):
 
 
 async def test_silent_user_is_prompted_then_hung_up_on(system, speak):
-    s, _ = system
+    s = system.settings
     async with Caller(s, "idler") as caller:
         caller.say(read_wav(speak("What is the capital of France?")))
         done = await caller.wait_for(
@@ -147,7 +148,7 @@ def humming(speech: bytes) -> bytes:
 
 @pytest.mark.parametrize("agent", ["eager", "stoic"])
 async def test_false_interruption_recovery(system, speak, agent):
-    s, _ = system
+    s = system.settings
     question = read_wav(speak("What is on the menu tonight?"))
     hum = humming(read_wav(speak("Well, I was thinking about maybe having something different.",
                                  lead_s=0)))
@@ -166,3 +167,4 @@ async def test_false_interruption_recovery(system, speak, agent):
             assert not caller.frames_of(BotText, hummed + 0.5)
         # It really was no speech: the STT stage heard no words in the hum.
         assert not [h for h in caller.frames_of(Transcript, hummed) if h.frame.text]
+
