@@ -115,6 +115,17 @@ def system(stages) -> Settings:
     return stages.settings
 
 
+@pytest.fixture
+async def gateway(stages):
+    """A WebRTC gateway on a free HTTP port, in front of the real stages."""
+    from services.media_gateway.worker import GatewayWorker
+
+    gw = GatewayWorker(replace(stages.settings, http_port=0, gateway_idle_s=2.0))
+    await gw.start()
+    yield gw
+    await gw.stop()
+
+
 async def bounded(awaitable, seconds: float, what: str):
     """Await with a deadline; past it, fail with every task's stack (a hang becomes a report)."""
     import asyncio

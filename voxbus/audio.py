@@ -62,3 +62,12 @@ def frames(pcm: bytes, rate: int = WIRE_RATE, ms: int = FRAME_MS) -> Iterator[by
 
 def duration_s(pcm: bytes, rate: int = WIRE_RATE) -> float:
     return len(pcm) / 2 / rate
+
+
+SPEECH_RMS = 300
+"""PCM16 RMS above which a 20 ms frame counts as speech (to date where the user's speech ends)."""
+
+
+def rms(pcm: bytes) -> float:
+    x = np.frombuffer(pcm[: len(pcm) // 2 * 2], dtype="<i2").astype(np.float32)
+    return float(np.sqrt((x**2).mean())) if x.size else 0.0

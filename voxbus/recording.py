@@ -24,7 +24,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
-from voxbus.bus import Bus
+from voxbus.bus import Bus, now_us
 from voxbus.errors import VoxbusError
 from voxbus.subjects import Stage, Subjects
 from voxbus.wire import (
@@ -103,7 +103,7 @@ def write(path: str | Path, recording: Recording) -> Path:
     head = {
         "format": FORMAT, "version": FORMAT_VERSION, "wire_version": SCHEMA_VERSION,
         "session": h.session, "prefix": h.prefix, "agent": h.agent,
-        "started_at_us": h.started_at_us, "exported_at_us": h.exported_at_us or _now_us(),
+        "started_at_us": h.started_at_us, "exported_at_us": h.exported_at_us or now_us(),
         "source": h.source, "count": len(recording.messages),
     }
     digest = hashlib.sha256()
@@ -203,16 +203,11 @@ class _Truncated(Exception):
     """The bytes ended inside an object."""
 
 
-def _now_us() -> int:
-    return time.time_ns() // 1000
 
 
 # --- the stream --------------------------------------------------------------------------
 
 
-def stream_name(prefix: str) -> str:
-    """One recording stream per deployment prefix (stream names cannot hold dots)."""
-    return "VOXBUS_REC_" + prefix.replace(".", "_")
 
 
 @dataclass(frozen=True)
@@ -234,7 +229,7 @@ class Recorder:
     def __init__(self, nats_url: str, prefix: str):
         self.nats_url = nats_url
         self.subjects = Subjects(prefix)
-        self.stream = stream_name(prefix)
+        self.stream = self.subjects.recording_stream()
         self.bus: Bus | None = None
 
     async def start(self) -> Recorder:
@@ -344,7 +339,7 @@ class Recorder:
                       if isinstance(f, SessionStart)), None)
         header = RecordingHeader(session=session, prefix=self.subjects.prefix, agent=agent,
                                  started_at_us=start_us or 0, source=f"jetstream:{self.stream}",
-                                 exported_at_us=_now_us())
+                                 exported_at_us=now_us())
         return Recording(header, messages)
 
 
@@ -371,12 +366,12 @@ class SessionCapture:
         self.session = session
         self.agent = agent
         self.messages: list[RecordedMessage] = []
-        self.started_at_us = _now_us()
+        self.started_at_us = now_us()
         self.changed = asyncio.Event()
         self._sub = None
 
     async def start(self) -> SessionCapture:
-        self.started_at_us = _now_us()
+        self.started_at_us = now_us()
         self._sub = await self.bus.nc.subscribe(self.bus.subjects.session_all(self.session),
                                                 cb=self._on)
         await self.bus.nc.flush()
@@ -390,7 +385,7 @@ class SessionCapture:
                 await sub.unsubscribe()
 
     async def _on(self, msg: Msg) -> None:
-        self.messages.append(_recorded(msg, _now_us() - self.started_at_us))
+        self.messages.append(_recorded(msg, now_us() - self.started_at_us))
         self.changed.set()
 
     def recording(self) -> Recording:

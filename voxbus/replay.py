@@ -19,18 +19,17 @@ from pathlib import Path
 
 import numpy as np
 
+from voxbus.audio import SPEECH_RMS, rms
 from voxbus.bus import Bus, now_us
 from voxbus.recording import SUFFIX, Recording, RecordingError, SessionCapture, read
 from voxbus.subjects import Event, Stage, Subjects
 from voxbus.turns import (
     FRAME_S,
-    SPEECH_RMS,
     STAGES,
     SessionView,
     Turn,
     Work,
     normalize,
-    rms,
     word_errors,
 )
 from voxbus.wire import (

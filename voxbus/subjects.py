@@ -104,6 +104,15 @@ class Subjects:
     def errors(self) -> str:
         return f"{self.prefix}.err"
 
+    # JetStream (their names cannot hold dots)
+    def recording_stream(self) -> str:
+        """The stream that records every session subject of this prefix."""
+        return "VOXBUS_REC_" + self.prefix.replace(".", "_")
+
+    def sessions_bucket(self) -> str:
+        """The KV bucket holding each live session's resumable state (the orchestrators')."""
+        return "voxbus_sessions_" + self.prefix.replace(".", "_")
+
     @staticmethod
     def session_of(subject: str) -> str | None:
         """The session id inside a session subject, if any."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from nats.aio.msg import Msg
 
-from voxbus.audio import WIRE_RATE, duration_s, frames, read_wav, write_wav
+from voxbus.audio import SPEECH_RMS, WIRE_RATE, duration_s, frames, read_wav, write_wav
 from voxbus.bus import Bus, now_us
 from voxbus.subjects import Stage, Subjects
 from voxbus.wire import (
@@ -31,9 +31,6 @@ from voxbus.wire import (
 
 GREETING_WAIT_S = 1.5
 """How long a new session listens for an agent that speaks first before the user talks."""
-
-SPEECH_RMS = 300
-"""PCM16 RMS above which a 20 ms frame counts as speech, to date the end of the user's speech."""
 
 
 @dataclass

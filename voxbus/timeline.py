@@ -9,8 +9,9 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+from voxbus.audio import rms
 from voxbus.recording import Recording
-from voxbus.turns import STAGES, SessionView, rms
+from voxbus.turns import STAGES, SessionView
 
 LABEL_W = 120
 LANE_H = 34

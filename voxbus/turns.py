@@ -10,8 +10,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-import numpy as np
-
+from voxbus.audio import SPEECH_RMS, rms
 from voxbus.bus import REPLY_HEADER
 from voxbus.recording import Recording
 from voxbus.wire import (
@@ -34,8 +33,6 @@ from voxbus.wire import (
 )
 
 FRAME_S = 0.02
-SPEECH_RMS = 300
-"""PCM16 RMS above which a 20 ms frame counts as speech (as ``voxbus talk`` dates speech end)."""
 
 STAGES = ("eou_delay", "stt_ttfs", "llm_ttft", "tts_ttfa", "e2e_latency")
 """Per-turn latency figures, in the order the turn goes through them."""
@@ -232,11 +229,6 @@ class SessionView:
 
     def final_transcripts(self) -> list[tuple[float, Transcript]]:
         return [(t, tr) for t, tr in self.transcripts if tr.final]
-
-
-def rms(pcm: bytes) -> float:
-    x = np.frombuffer(pcm[: len(pcm) // 2 * 2], dtype="<i2").astype(np.float32)
-    return float(np.sqrt((x**2).mean())) if x.size else 0.0
 
 
 def normalize(text: str) -> list[str]:

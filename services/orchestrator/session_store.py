@@ -18,6 +18,7 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSe
 from pydantic import BaseModel, ConfigDict, Field
 
 from voxbus.bus import now_us
+from voxbus.subjects import Subjects
 
 log = logging.getLogger("voxbus.orchestrator.store")
 
@@ -50,12 +51,12 @@ class SessionStore:
     """The sessions bucket of one deployment prefix, with a live local mirror of its entries."""
 
     def __init__(self, nc: Client, prefix: str, *, max_age_s: float = 24 * 3600):
-        self.bucket = f"voxbus_sessions_{prefix.replace('.', '_')}"
+        self.bucket = Subjects(prefix).sessions_bucket()
         self._js = nc.jetstream()
         self._max_age_s = max_age_s
         self.kv = None
-        self.entries: dict[str, tuple[SessionRecord, int]] = {}
-        """session → (record, revision), kept current by a watcher."""
+        self.entries: dict[str, SessionRecord] = {}
+        """Every live session's record, kept current by a watcher."""
         self._watcher = None
         self._watch_task: asyncio.Task | None = None
         self.synced = asyncio.Event()
@@ -93,7 +94,7 @@ class SessionStore:
             except ValueError as e:
                 log.error("session entry %s is unreadable, ignored: %s", entry.key, e)
                 continue
-            self.entries[entry.key] = (record, entry.revision)
+            self.entries[entry.key] = record
 
     async def create(self, record: SessionRecord) -> int:
         return await self.kv.create(record.session, record.model_dump_json().encode())

@@ -94,7 +94,7 @@ class OrchestratorWorker(Service):
             await asyncio.sleep(self.settings.heartbeat_s * (0.5 + random.random()))
             if self.draining or not self.liveness.warm:
                 continue
-            for record, _rev in list(self.store.entries.values()):
+            for record in list(self.store.entries.values()):
                 if self._orphaned(record):
                     self._adopting.add(record.session)
                     try:

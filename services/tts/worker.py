@@ -41,7 +41,7 @@ class TtsWorker(Service):
         """Loaded voices, the default first; agents name others in TtsRequest.voice."""
 
     async def on_start(self) -> None:
-        self.service = await self._voice(None)
+        await self._voice(None)  # the default voice loads before the replica takes work
         await self.subscribe(self.subjects.work(self.stage), self._on_request, work=True)
         await self.subscribe(self.subjects.all_ctl(), self._on_ctl)
 

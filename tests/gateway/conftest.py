@@ -1,4 +1,4 @@
-"""A gateway on a free HTTP port, in front of the real stages."""
+"""A gateway with nothing behind it (the one in front of the stages is in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,6 @@ from dataclasses import replace
 import pytest
 
 from services.media_gateway.worker import GatewayWorker
-
-
-@pytest.fixture
-async def gateway(stages):
-    gw = GatewayWorker(replace(stages.settings, http_port=0, gateway_idle_s=2.0))
-    await gw.start()
-    yield gw
-    await gw.stop()
 
 
 @pytest.fixture

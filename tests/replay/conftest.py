@@ -1,8 +1,6 @@
-"""Recording on for the test's own prefix, and a gateway for sessions that come over WebRTC."""
+"""Recording on for the test's own prefix."""
 
 from __future__ import annotations
-
-from dataclasses import replace
 
 import pytest
 
@@ -17,12 +15,3 @@ async def recorder(system):
         yield rec
         await rec.js.delete_stream(rec.stream)
 
-
-@pytest.fixture
-async def webrtc_gateway(stages):
-    from services.media_gateway.worker import GatewayWorker
-
-    gw = GatewayWorker(replace(stages.settings, http_port=0, gateway_idle_s=2.0))
-    await gw.start()
-    yield gw
-    await gw.stop()

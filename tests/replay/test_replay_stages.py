@@ -47,9 +47,9 @@ async def _ended(recorder, session: str) -> None:
         await asyncio.sleep(0.1)
 
 
-async def test_browser_session_replays_into_each_stage(system, recorder, webrtc_gateway,
+async def test_browser_session_replays_into_each_stage(system, recorder, gateway,
                                                        speech_wav, tmp_path):
-    session = await _webrtc_session(webrtc_gateway, speech_wav)
+    session = await _webrtc_session(gateway, speech_wav)
     await _ended(recorder, session)
     corpus = tmp_path / "corpus"
     corpus.mkdir()
