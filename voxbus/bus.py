@@ -118,8 +118,11 @@ class Bus:
         await self._copy_work(subject, frame, data, "")
         try:
             msg = await self.nc.request(subject, data, timeout=timeout)
-        except (NoRespondersError, NatsTimeout) as e:
-            raise StageUnavailable(f"no reply on {subject}: {type(e).__name__}") from None
+        except NoRespondersError:
+            raise StageUnavailable(f"no replica is listening on {subject}",
+                                   reason="no_responders") from None
+        except NatsTimeout:
+            raise StageUnavailable(f"no reply on {subject} within {timeout:g} s") from None
         reply = decode(msg.data)
         if isinstance(reply, ErrorEvent):
             error = VoxbusError(f"{reply.service}: {reply.code}: {reply.message}")

@@ -14,6 +14,11 @@ class StageUnavailable(VoxbusError):
     code = "unavailable"
     retryable = True
 
+    def __init__(self, message: str, *, reason: str = "timeout"):
+        super().__init__(message)
+        self.reason = reason
+        """``no_responders`` (nobody got the request) or ``timeout`` (someone may have)."""
+
 
 class StageFailed(VoxbusError):
     """A stage reported a failure for one piece of work."""

@@ -1,20 +1,31 @@
-"""Per-turn work tasks of a stage replica, cancellable by (session, turn)."""
+"""Per-request work tasks of a stage replica, cancellable by (session, turn) or by reply subject."""
 
 from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class _Owned:
+    turn: int
+    reply: str
 
 
 class TurnTasks:
-    """Owns the tasks doing work for session turns; ``cancel`` stops a turn and older ones."""
+    """Owns the tasks doing work for session turns.
+
+    ``cancel`` stops a turn and every older one (barge-in), or, given a reply subject, only the
+    one request answering there (a caller that gave up on one attempt of a retried call).
+    """
 
     def __init__(self):
-        self._tasks: dict[str, dict[asyncio.Task, int]] = defaultdict(dict)
+        self._tasks: dict[str, dict[asyncio.Task, _Owned]] = defaultdict(dict)
 
-    def start(self, session: str, turn: int, coro) -> asyncio.Task:
+    def start(self, session: str, turn: int, coro, *, reply: str = "") -> asyncio.Task:
         task = asyncio.create_task(coro, name=f"{session}/{turn}")
-        self._tasks[session][task] = turn
+        self._tasks[session][task] = _Owned(turn, reply)
 
         def forget(t: asyncio.Task) -> None:
             owned = self._tasks.get(session)
@@ -26,10 +37,11 @@ class TurnTasks:
         task.add_done_callback(forget)
         return task
 
-    def cancel(self, session: str, turn: int) -> int:
+    def cancel(self, session: str, turn: int, reply: str = "") -> int:
         cancelled = 0
-        for task, t in list(self._tasks.get(session, {}).items()):
-            if t <= turn and not task.done():
+        for task, owned in list(self._tasks.get(session, {}).items()):
+            hit = owned.reply == reply if reply else owned.turn <= turn
+            if hit and not task.done():
                 task.cancel()
                 cancelled += 1
         return cancelled

@@ -6,7 +6,7 @@ Layout (``<p>`` is the deployment prefix, ``vox`` by default)::
     <p>.sess.<session>.audio.out         agent audio (AudioOut, AudioFlush)
     <p>.sess.<session>.evt.<kind>        events: vad, turn, transcript, bot, metric, error
     <p>.sess.<session>.ctl               control: Cancel, SessionEnd
-    <p>.sess.<session>.reply.<stage>.<turn>   streamed replies of one turn's stage work
+    <p>.sess.<session>.reply.<stage>.<turn>.<index>[.r<attempt>]   one request's streamed reply
     <p>.sess.<session>.work.<stage>      copies of the session's work requests, for its recording
     <p>.work.<stage>                     work requests; queue group = stage name
     <p>.hb.<stage>                       worker heartbeats
@@ -77,8 +77,12 @@ class Subjects:
     def all_ctl(self) -> str:
         return f"{self.prefix}.sess.*.ctl"
 
-    def reply(self, session: str, stage: Stage, turn: int, index: int = 0) -> str:
-        return f"{self.session_root(session)}.reply.{Stage(stage).value}.{int(turn)}.{int(index)}"
+    def reply(self, session: str, stage: Stage, turn: int, index: int = 0,
+              attempt: int = 0) -> str:
+        """Where one request's streamed reply goes; a retry (``attempt`` 1) has its own, so
+        frames of an abandoned attempt can never mix into the one that is being used."""
+        base = f"{self.session_root(session)}.reply.{Stage(stage).value}.{int(turn)}.{int(index)}"
+        return f"{base}.r{int(attempt)}" if attempt else base
 
     def work_copy(self, session: str, stage: Stage) -> str:
         """Where the bus copies a session's work request so the session's recording holds it."""

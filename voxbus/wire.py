@@ -178,11 +178,21 @@ class SessionEnd(Frame):
 
 
 class SttClaim(Frame):
-    """The orchestrator asks the STT queue group for a replica to own a session's stream."""
+    """The orchestrator asks the STT queue group for a replica to own a session's stream.
+
+    A claim that replaces a replica that died or drained hands over the audio the old one had
+    not finished with, so the words the user was saying are not lost.
+    """
 
     TAG = Tag.STT_CLAIM
     session: str
     sample_rate: int = 16000
+    backlog: bytes = b""
+    """PCM16 of the session since the end of the last transcribed segment (hand-over only)."""
+    backlog_seq: int = Field(default=-1, ge=-1)
+    """``AudioIn.seq`` of the last frame in ``backlog``; live frames up to it are skipped."""
+    backlog_speaking: bool = False
+    """The user was still speaking at the end of ``backlog`` (else its speech already ended)."""
 
 
 class SttClaimed(Frame):
@@ -204,6 +214,8 @@ class LlmRequest(Frame):
     tools: list[dict[str, Any]] = Field(default_factory=list)
     settings: dict[str, Any] = Field(default_factory=dict)
     """Overrides of the worker's LLM settings (temperature, max_tokens...)."""
+    attempt: int = Field(default=0, ge=0)
+    """0 for the first try; 1 for the retry a caller sent another replica (see stage_call)."""
 
 
 class LlmDelta(Frame):
@@ -235,6 +247,8 @@ class TtsRequest(Frame):
     text: str = Field(min_length=1, max_length=4000)
     sample_rate: int = 16000
     voice: str | None = None
+    attempt: int = Field(default=0, ge=0)
+    """0 for the first try; 1 for the retry a caller sent another replica (see stage_call)."""
 
 
 class TtsAudio(Frame):
@@ -262,6 +276,8 @@ class Cancel(Frame):
     CONTROL = True
     session: str
     turn: int
+    reply: str = ""
+    """Only the work replying on this subject (one attempt of a retried call); empty: all."""
 
 
 # --- operations --------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from voxbus.config import Settings
 
 
 def make_llm_service(settings: Settings, base_url: str) -> OpenAILLMService:
-    return OpenAILLMService(
+    service = OpenAILLMService(
         api_key=settings.openai_api_key or "sk-local",
         base_url=base_url,
         settings=OpenAILLMService.Settings(
@@ -21,6 +21,14 @@ def make_llm_service(settings: Settings, base_url: str) -> OpenAILLMService:
             temperature=settings.llm_temperature,
         ),
     )
+    # The caller retries on another replica after a short first-token deadline; the client's
+    # own retries (with backoff) would only hold a failure back past it, in silence.
+    service._client = service._client.with_options(max_retries=0)
+    return service
+
+
+def has_developer_messages(messages: list[dict[str, Any]]) -> bool:
+    return any(isinstance(m, dict) and m.get("role") == "developer" for m in messages)
 
 
 def context_from_wire(messages: list[dict[str, Any]], tools: list[dict[str, Any]],

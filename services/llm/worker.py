@@ -12,11 +12,13 @@ import logging
 import time
 from dataclasses import replace
 
+import openai
 from nats.aio.msg import Msg
+from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.services.openai.llm import OpenAILLMService
 from prometheus_client import Histogram
 
-from services.llm.engine import context_from_wire, make_llm_service
+from services.llm.engine import context_from_wire, has_developer_messages, make_llm_service
 from voxbus.runner import Service
 from voxbus.stage_work import TurnTasks
 from voxbus.subjects import Stage
@@ -37,6 +39,8 @@ class LlmWorker(Service):
         if not self.base_url:
             raise SystemExit("OPENAI_BASE_URL is not set (voxbus up starts a local endpoint)")
         self.tasks = TurnTasks()
+        self.developer_role = True
+        """Whether the endpoint takes ``developer`` messages; learnt on its first refusal."""
 
     async def on_start(self) -> None:
         self.service = make_llm_service(self.settings, self.base_url)
@@ -49,11 +53,11 @@ class LlmWorker(Service):
         if not isinstance(frame, LlmRequest):
             raise TypeError(f"expected LlmRequest, got {type(frame).__name__}")
         reply = msg.reply or self.subjects.reply(frame.session, Stage.LLM, frame.turn)
-        self.tasks.start(frame.session, frame.turn, self._complete(frame, reply))
+        self.tasks.start(frame.session, frame.turn, self._complete(frame, reply), reply=reply)
 
     async def _on_ctl(self, frame: Frame, _msg: Msg) -> None:
         if isinstance(frame, Cancel):
-            self.tasks.cancel(frame.session, frame.turn)
+            self.tasks.cancel(frame.session, frame.turn, frame.reply)
 
     async def _complete(self, req: LlmRequest, reply: str) -> None:
         self.inflight += 1
@@ -64,7 +68,7 @@ class LlmWorker(Service):
         calls: dict[int, dict] = {}
         try:
             context = context_from_wire(req.messages, req.tools, req.settings.get("tool_choice"))
-            stream = await self._service_for(req.settings).get_chat_completions(context)
+            stream = await self._open(req, context)
             try:
                 async for chunk in stream:
                     if not chunk.choices:
@@ -110,14 +114,34 @@ class LlmWorker(Service):
             except Exception as e:
                 log.warning("could not send LlmDone: %s", e)
 
+    async def _open(self, req: LlmRequest, context: LLMContext):
+        """Start the completion; an endpoint that refuses ``developer`` messages (llama.cpp's
+        server answers 500, older OpenAI-compatible servers 400) gets them as user messages,
+        from this request on."""
+        service = self._service_for(req.settings)
+        try:
+            return await service.get_chat_completions(context)
+        except openai.APIStatusError as e:
+            if not (self.developer_role and has_developer_messages(req.messages)):
+                raise
+            log.warning("%s turn %d: the endpoint refused a developer message (%d); sending "
+                        "developer messages as user messages from now on", req.session,
+                        req.turn, e.status_code)
+            self.developer_role = False
+            for known in self._services.values():
+                known.supports_developer_role = False
+            return await service.get_chat_completions(context)
+
     def _service_for(self, overrides: dict) -> OpenAILLMService:
         """The agent's sampling settings, on a service kept per distinct combination."""
         temperature = overrides.get("temperature", self.settings.llm_temperature)
         max_tokens = overrides.get("max_tokens", self.settings.llm_max_tokens)
         key = (float(temperature), int(max_tokens))
         if key not in self._services:
-            self._services[key] = make_llm_service(replace(
+            service = make_llm_service(replace(
                 self.settings, llm_temperature=key[0], llm_max_tokens=key[1]), self.base_url)
+            service.supports_developer_role = self.developer_role
+            self._services[key] = service
         return self._services[key]
 
     async def on_drain(self) -> None:

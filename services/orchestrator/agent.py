@@ -43,6 +43,7 @@ IDLE_PROMPT = (
     "The user has been silent for a while. In one short sentence, check whether they are still "
     "there, or repeat your last question more simply.")
 IDLE_GOODBYE = "I'll hang up now as I can't hear you. Goodbye!"
+FALLBACK_LINE = "Sorry, I'm having trouble answering right now. Could you say that again?"
 
 
 class TurnSettings(_Strict):
@@ -81,6 +82,8 @@ class AgentConfig(_Strict):
     system_prompt: str = Field(min_length=1)
     voice: str | None = None
     """Piper voice for this agent (an .onnx path); null = the TTS stage's default voice."""
+    fallback_line: str = Field(default=FALLBACK_LINE, min_length=1, max_length=300)
+    """Said, without the LLM, when a stage fails a turn, so the user never waits in silence."""
     llm: LlmSettings = LlmSettings()
     turn: TurnSettings = TurnSettings()
     flow: FlowRef | None = None

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 
 from nats.aio.msg import Msg
 from pipecat.frames.frames import (
-    ErrorFrame,
     Frame,
     InputAudioRawFrame,
     InterruptionFrame,
@@ -33,28 +32,23 @@ from pipecat.transports.base_transport import TransportParams
 from pipecat.utils.time import time_now_iso8601
 
 from voxbus.bus import now_us
+from voxbus.errors import StageFailed, StageUnavailable
+from voxbus.stage_call import StageCall
 from voxbus.subjects import Event, Stage
 from voxbus.wire import (
     AudioFlush,
     AudioOut,
     BotText,
-    Cancel,
     Transcript,
     TtsAudio,
     TtsDone,
     TtsRequest,
     VadEvent,
     VadState,
-    WireError,
-    decode,
 )
 
 if TYPE_CHECKING:
     from services.orchestrator.session import SessionRunner
-
-STAGE_REPLY_TIMEOUT_S = 10.0
-"""A stage that sends nothing for this long is treated as vanished; the turn moves on."""
-
 
 STT_TTFS_P99_S = 1.5
 """VAD stop to final transcript, p99, on the embedded CPU models (see bench/e2e.py)."""
@@ -72,12 +66,15 @@ class RemoteSTT(FrameProcessor):
         self.speaking = False
 
     async def on_transcript(self, frame, _msg: Msg) -> None:
-        if isinstance(frame, Transcript) and frame.final and frame.text:
+        if not (isinstance(frame, Transcript) and frame.final):
+            return
+        # Final for the turn only if it covers the latest segment: a transcript of an
+        # earlier segment that lands after the user spoke again ("Yes." ... "that is
+        # right") must not end the turn before the rest of it is transcribed.
+        finalized = frame.seq >= self.stop_seq and not self.speaking
+        self.s.stt_link.transcript(frame, finalized)
+        if frame.text:  # empty: the STT replica heard nothing intelligible in the segment
             self.s.note_transcript(frame)
-            # Final for the turn only if it covers the latest segment: a transcript of an
-            # earlier segment that lands after the user spoke again ("Yes." ... "that is
-            # right") must not end the turn before the rest of it is transcribed.
-            finalized = frame.seq >= self.stop_seq and not self.speaking
             await self.push_frame(TranscriptionFrame(frame.text, "", time_now_iso8601(),
                                                      finalized=finalized))
 
@@ -104,7 +101,11 @@ class RemoteSTT(FrameProcessor):
 
 
 class RemoteTTS(TTSService):
-    """Pipecat's TTS machinery (sentence aggregation, interruptions); synthesis on the bus."""
+    """Pipecat's TTS machinery (sentence aggregation, interruptions); synthesis on the bus.
+
+    A sentence the TTS stage cannot say (after its retry) is reported on the session, and the
+    agent's fallback line, synthesized ahead of need, is played in its place once per turn.
+    """
 
     def __init__(self, session: SessionRunner, **kwargs):
         super().__init__(
@@ -121,37 +122,28 @@ class RemoteTTS(TTSService):
         turn = self.s.turn
         index = self._index
         self._index += 1
-        bus, subjects = self.s.bus, self.s.subjects
         await self.s.publish_event(Event.BOT, BotText(turn=turn, text=text.strip()))
-        reply = subjects.reply(self.s.session, Stage.TTS, turn, index)
-        queue: asyncio.Queue = asyncio.Queue()
-        sub = await _reply_queue(bus, reply, queue)
-        started = time.monotonic()
-        finished = False
+        request = TtsRequest(session=self.s.session, turn=turn, index=index, text=text,
+                             voice=self.s.agent.voice)
         try:
-            await bus.publish(subjects.work(Stage.TTS), TtsRequest(
-                session=self.s.session, turn=turn, index=index, text=text,
-                voice=self.s.agent.voice), reply=reply)
-            first = True
-            while True:
-                item = await asyncio.wait_for(queue.get(), STAGE_REPLY_TIMEOUT_S)
-                if isinstance(item, TtsAudio):
-                    if first:
-                        first = False
-                        await self.s.metric("tts_ttfa", (time.monotonic() - started) * 1000, turn)
-                    yield TTSAudioRawFrame(item.pcm, item.sample_rate, 1, context_id=context_id)
-                elif isinstance(item, TtsDone):
-                    finished = True
-                    if item.error:
-                        yield ErrorFrame(f"TTS stage: {item.error}")
-                    break
-        except TimeoutError:
-            await self.s.report("tts_timeout", f"no TTS reply for turn {turn} sentence {index}")
-        finally:
-            await sub.unsubscribe()
-            if not finished:
-                await bus.publish(subjects.ctl(self.s.session),
-                                  Cancel(session=self.s.session, turn=turn))
+            async with StageCall(self.s.bus, Stage.TTS, request,
+                                 policy=self.s.worker.policy) as call:
+                async for item in call:
+                    if isinstance(item, TtsAudio):
+                        if item.seq == 0 and call.first_frame_at is not None:
+                            await self.s.metric("tts_ttfa",
+                                                (call.first_frame_at - call.started) * 1000, turn)
+                        yield TTSAudioRawFrame(item.pcm, item.sample_rate, 1,
+                                               context_id=context_id)
+                if isinstance(call.done, TtsDone) and call.done.error:
+                    await self.s.stage_failed(Stage.TTS, StageFailed(
+                        f"tts: {call.done.error} (sentence {index} of turn {turn})"), turn)
+        except (StageUnavailable, StageFailed) as e:
+            await self.s.stage_failed(Stage.TTS, e, turn)
+            fallback = self.s.fallback_audio(turn)
+            if fallback is not None:
+                pcm, rate = fallback
+                yield TTSAudioRawFrame(pcm, rate, 1, context_id=context_id)
 
 
 class BusAudioOutput(BaseOutputTransport):
@@ -193,16 +185,3 @@ class BusAudioOutput(BaseOutputTransport):
             await self.s.interrupted()
             await self.s.publish_audio(AudioFlush(turn=self.s.turn))
         await super().process_frame(frame, direction)
-
-
-async def _reply_queue(bus, subject: str, queue: asyncio.Queue):
-    """Subscribe a TTS reply subject into ``queue``; a bad frame ends the reply with an error."""
-
-    async def on(msg: Msg) -> None:
-        try:
-            await queue.put(decode(msg.data))
-        except WireError as e:
-            await bus.report(e.code, e.message, subject=msg.subject)
-            await queue.put(TtsDone(turn=-1, index=0, count=0, error=f"bad reply frame: {e}"))
-
-    return await bus.nc.subscribe(subject, cb=on)

@@ -8,7 +8,6 @@ turn's ``LlmDelta`` frames come back as OpenAI ``ChatCompletionChunk``s.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from typing import TYPE_CHECKING, Any
@@ -20,21 +19,24 @@ from openai.types.chat.chat_completion_chunk import (
     ChoiceDeltaToolCall,
     ChoiceDeltaToolCallFunction,
 )
+from pipecat.frames.frames import TTSSpeakFrame
 from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.services.openai.llm import OpenAILLMService
 from pipecat.utils.types import assert_given
 
+from services.orchestrator.metrics import FALLBACKS
+from voxbus.errors import StageFailed, StageUnavailable
+from voxbus.stage_call import StageCall
 from voxbus.subjects import Stage
-from voxbus.wire import Cancel, LlmDelta, LlmDone, LlmRequest, WireError, decode
+from voxbus.wire import LlmDelta, LlmDone, LlmRequest
 
 if TYPE_CHECKING:
     from services.orchestrator.session import SessionRunner
 
-from services.orchestrator.proxies import STAGE_REPLY_TIMEOUT_S
 
 
 class LlmStageError(RuntimeError):
-    """The LLM stage answered the turn with an error (endpoint down, bad request, ...)."""
+    """The LLM stage could not answer (endpoint down, bad request, no replica, stalled)."""
 
 
 def _plain(value: Any) -> Any:
@@ -63,32 +65,21 @@ def _user_messages(context: LLMContext) -> int:
 
 
 class BusCompletionStream:
-    """An async iterator of chunks for one turn's reply subject; closing it early cancels the
-    stage's work for the turn (Pipecat closes the stream when the user interrupts)."""
+    """An async iterator of chunks for one completion over the bus; closing it early cancels
+    the stage's work (Pipecat closes the stream when the user interrupts)."""
 
-    def __init__(self, runner: SessionRunner, turn: int, reply: str, started: float):
+    def __init__(self, runner: SessionRunner, request: LlmRequest, index: int):
         self.s = runner
-        self.turn = turn
-        self.reply = reply
-        self.started = started
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.sub = None
-        self.finished = False
-        self.first = True
+        self.turn = request.turn
+        subjects = runner.subjects
+        self.call = StageCall(runner.bus, Stage.LLM, request, policy=runner.worker.policy,
+                              reply=lambda attempt: subjects.reply(
+                                  request.session, Stage.LLM, request.turn, index, attempt))
+        self.produced = False
+        """Something reached the user from this completion (text or a tool call)."""
 
-    async def open(self, request: LlmRequest) -> BusCompletionStream:
-        bus = self.s.bus
-
-        async def on(msg) -> None:
-            try:
-                await self.queue.put(decode(msg.data))
-            except WireError as e:
-                await bus.report(e.code, e.message, subject=msg.subject)
-                await self.queue.put(LlmDone(turn=self.turn, count=0,
-                                             error=f"bad reply frame: {e}"))
-
-        self.sub = await bus.nc.subscribe(self.reply, cb=on)
-        await bus.publish(self.s.subjects.work(Stage.LLM), request, reply=self.reply)
+    async def open(self) -> BusCompletionStream:
+        await self.call.__aenter__()
         return self
 
     def __aiter__(self):
@@ -97,21 +88,21 @@ class BusCompletionStream:
     async def __anext__(self) -> ChatCompletionChunk:
         while True:
             try:
-                item = await asyncio.wait_for(self.queue.get(), STAGE_REPLY_TIMEOUT_S)
-            except TimeoutError:
-                await self.s.report("llm_timeout", f"no LLM reply for turn {self.turn}")
-                raise LlmStageError(f"LLM stage silent for {STAGE_REPLY_TIMEOUT_S:.0f} s") from None
-            if isinstance(item, LlmDone):
-                self.finished = True
-                if item.error:
-                    raise LlmStageError(f"LLM stage: {item.error}")
-                raise StopAsyncIteration
+                item = await self.call.__anext__()
+            except StopAsyncIteration:
+                done = self.call.done
+                if isinstance(done, LlmDone) and done.error and done.error != "cancelled":
+                    raise LlmStageError(f"llm: {done.error} (turn {self.turn}, after "
+                                        f"{done.count} deltas)") from None
+                raise
+            except (StageUnavailable, StageFailed) as e:
+                raise LlmStageError(str(e)) from None
             if not isinstance(item, LlmDelta):
                 continue
-            if self.first and (item.text or item.tool_calls):
-                self.first = False
-                await self.s.metric("llm_ttft", (time.monotonic() - self.started) * 1000,
-                                    self.turn)
+            if not self.produced and (item.text or item.tool_calls):
+                self.produced = True
+                first = self.call.first_frame_at or time.monotonic()
+                await self.s.metric("llm_ttft", (first - self.call.started) * 1000, self.turn)
             if item.tool_calls:
                 self.s.note_tool_calls([c.get("name", "") for c in item.tool_calls])
                 return _chunk(ChoiceDelta(tool_calls=[
@@ -125,17 +116,7 @@ class BusCompletionStream:
                 return _chunk(ChoiceDelta(content=item.text))
 
     async def close(self) -> None:
-        if self.sub is not None:
-            sub, self.sub = self.sub, None
-            try:
-                await sub.unsubscribe()
-            except Exception:  # the connection is closing: nothing left to unsubscribe
-                pass
-        if not self.finished:
-            self.finished = True
-            # Interrupted (cancelled) or timed out: stop the worker's stream too.
-            await self.s.bus.publish(self.s.subjects.ctl(self.s.session),
-                                     Cancel(session=self.s.session, turn=self.turn))
+        await self.call.close()
 
 
 class RemoteLLM(OpenAILLMService):
@@ -148,6 +129,7 @@ class RemoteLLM(OpenAILLMService):
         self.s = session
         self.llm_settings = dict(llm_settings or {})
         self._user_messages_seen = 0
+        self._stream: BusCompletionStream | None = None
 
     async def get_chat_completions(self, context: LLMContext) -> BusCompletionStream:
         params = await self.get_llm_adapter().get_llm_invocation_params(
@@ -168,9 +150,22 @@ class RemoteLLM(OpenAILLMService):
             settings["tool_choice"] = _plain(params["tool_choice"])
         request = LlmRequest(session=self.s.session, turn=turn, messages=messages,
                              tools=tools or [], settings=settings)
-        reply = self.s.subjects.reply(self.s.session, Stage.LLM, turn, self._next_index(turn))
-        stream = BusCompletionStream(self.s, turn, reply, time.monotonic())
-        return await stream.open(request)
+        self._stream = BusCompletionStream(self.s, request, self._next_index(turn))
+        return await self._stream.open()
+
+    async def _process_context(self, context: LLMContext) -> None:
+        """A completion the stage could not give is reported, and the agent says its fallback
+        line instead of going silent (unless part of an answer was already said)."""
+        self._stream = None
+        try:
+            await super()._process_context(context)
+        except LlmStageError as e:
+            turn = self.s.turn
+            await self.s.stage_failed(Stage.LLM, e, turn)
+            if (self._stream is None or not self._stream.produced) and self.s.owes_fallback(turn):
+                FALLBACKS.labels(Stage.LLM.value).inc()
+                await self.push_frame(TTSSpeakFrame(self.s.agent.fallback_line,
+                                                    append_to_context=False))
 
     def resumed(self, context: LLMContext) -> None:
         """The context was restored from a stored session: its user turns are already counted."""

@@ -42,13 +42,17 @@ from pipecat.turns.user_turn_strategies import UserTurnStrategies
 
 from services.orchestrator.agent import load_flow
 from services.orchestrator.echo_gate import EchoGate
+from services.orchestrator.metrics import FALLBACKS, STAGE_ERRORS
 from services.orchestrator.proxies import BusAudioOutput, RemoteSTT, RemoteTTS
 from services.orchestrator.remote_llm import RemoteLLM
 from services.orchestrator.session_store import Fenced, SessionRecord
+from services.orchestrator.stt_link import SttLink
 from voxbus.audio import WIRE_RATE
 from voxbus.bus import now_us
+from voxbus.errors import StageUnavailable, VoxbusError
 from voxbus.pipecat_host import FrameTap, HostedPipeline
-from voxbus.subjects import Event
+from voxbus.stage_call import StageCall
+from voxbus.subjects import Event, Stage
 from voxbus.wire import (
     AudioFlush,
     AudioIn,
@@ -57,6 +61,8 @@ from voxbus.wire import (
     Metric,
     SessionEnd,
     Transcript,
+    TtsAudio,
+    TtsRequest,
     TurnEvent,
 )
 
@@ -65,6 +71,9 @@ if TYPE_CHECKING:
     from services.orchestrator.worker import OrchestratorWorker
 
 log = logging.getLogger("voxbus.orchestrator")
+
+FALLBACK_INDEX = 1_000_000
+"""Sentence index of the fallback line's synthesis ahead of need (no turn has that many)."""
 
 
 class SessionRunner:
@@ -87,7 +96,11 @@ class SessionRunner:
         self.resume = resume
         """The stored state this runner carries on from (another replica ran the session)."""
         self.revision: int | None = None
-        self.stt_worker: str | None = resume.stt_worker if resume else None
+        self.stt_link = SttLink(self, resume.stt_worker if resume else None)
+        self.fenced = False
+        """Another replica owns the session now: this runner stops and must not delete it."""
+        self._fallback_said_in: int | None = None
+        self._fallback_played_in: int | None = None
         self._saving: asyncio.Task | None = None
         self._dirty = False
         self.context = context = LLMContext(messages=list(resume.messages) if resume else None)
@@ -164,6 +177,7 @@ class SessionRunner:
 
     async def close(self) -> None:
         self._closing = True
+        self.stt_link.close()
         if self._saving:
             self._saving.cancel()
         for s in self._subs:
@@ -178,6 +192,7 @@ class SessionRunner:
 
     async def _on_audio(self, frame: Frame, _msg: Msg) -> None:
         if isinstance(frame, AudioIn):
+            self.stt_link.audio(frame.seq, frame.pcm)
             pcm = self.echo_gate.filter(frame.pcm) if self.echo_gate else frame.pcm
             audio = InputAudioRawFrame(audio=pcm, sample_rate=frame.sample_rate, num_channels=1)
             audio.metadata["seq"] = frame.seq
@@ -191,6 +206,7 @@ class SessionRunner:
     # --- called by the proxies ------------------------------------------------------
 
     def note_vad(self, started: bool, frame) -> None:
+        self.stt_link.vad(started)
         if started:
             self._speech_stopped_at = None
         else:
@@ -208,7 +224,7 @@ class SessionRunner:
         flow_state = dict(self.flow_manager.state) if self.flow_manager else {}
         return SessionRecord(
             session=self.session, agent=self.agent.name, sample_rate=self.sample_rate,
-            owner=owner, turn=self.turn, node=self.node, stt_worker=self.stt_worker,
+            owner=owner, turn=self.turn, node=self.node, stt_worker=self.stt_link.worker,
             # Whatever a handler or the context holds, stored as the JSON it would print as.
             flow_state=json.loads(json.dumps(flow_state, default=str)),
             messages=json.loads(json.dumps(messages, default=str)))
@@ -287,6 +303,57 @@ class SessionRunner:
             elif isinstance(frame, AudioFlush):
                 self.echo_gate.flush()
         await self.bus.publish(self.subjects.audio_out(self.session), frame)
+
+    # --- failures -------------------------------------------------------------------
+
+    async def stage_failed(self, stage: Stage, error: Exception, turn: int) -> None:
+        """A stage could not do its part of a turn: the session hears about it (an error event
+        on ``evt.error``: clients, the page and the recording see it), logged and counted."""
+        code = f"{stage}_{'unavailable' if isinstance(error, StageUnavailable) else 'failed'}"
+        STAGE_ERRORS.labels(stage.value, code).inc()
+        await self.report(code, f"turn {turn}: {error}")
+
+    def owes_fallback(self, turn: int) -> bool:
+        """True once per turn: the turn failed and the user has not heard the fallback yet."""
+        if self._fallback_said_in == turn:
+            return False
+        self._fallback_said_in = turn
+        return True
+
+    async def say_fallback(self, stage: Stage, turn: int) -> None:
+        if self.owes_fallback(turn):
+            FALLBACKS.labels(stage.value).inc()
+            await self.pipeline.queue(TTSSpeakFrame(self.agent.fallback_line,
+                                                    append_to_context=False))
+
+    def fallback_audio(self, turn: int) -> tuple[bytes, int] | None:
+        """The fallback line as audio, for a turn whose TTS failed (once per turn)."""
+        if self._fallback_played_in == turn:
+            return None
+        self._fallback_played_in = turn
+        FALLBACKS.labels(Stage.TTS.value).inc()
+        return self.worker.fallback_audio.get((self.agent.voice, self.agent.fallback_line))
+
+    async def prepare_fallback(self) -> None:
+        """Synthesize the fallback line once per voice, ahead of need: when the TTS stage is
+        what failed, it can no longer be asked."""
+        key = (self.agent.voice, self.agent.fallback_line)
+        if key in self.worker.fallback_audio:
+            return
+        request = TtsRequest(session=self.session, turn=0, index=FALLBACK_INDEX,
+                             text=self.agent.fallback_line, voice=self.agent.voice)
+        pcm, rate = bytearray(), WIRE_RATE
+        try:
+            async with StageCall(self.bus, Stage.TTS, request, policy=self.worker.policy) as call:
+                async for item in call:
+                    if isinstance(item, TtsAudio):
+                        pcm += item.pcm
+                        rate = item.sample_rate
+        except VoxbusError as e:
+            log.warning("%s: fallback line not synthesized ahead (%s)", self.session, e)
+            return
+        if pcm:
+            self.worker.fallback_audio[key] = (bytes(pcm), rate)
 
     async def metric(self, name: str, value_ms: float, turn: int) -> None:
         await self.publish_event(Event.METRIC, Metric(name=name, value_ms=value_ms, turn=turn))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from nats.aio.client import Client
@@ -50,7 +51,8 @@ class Fenced(RuntimeError):
 class SessionStore:
     """The sessions bucket of one deployment prefix, with a live local mirror of its entries."""
 
-    def __init__(self, nc: Client, prefix: str, *, max_age_s: float = 24 * 3600):
+    def __init__(self, nc: Client, prefix: str, *, max_age_s: float = 24 * 3600,
+                 on_change: Callable[[SessionRecord], None] | None = None):
         self.bucket = Subjects(prefix).sessions_bucket()
         self._js = nc.jetstream()
         self._max_age_s = max_age_s
@@ -60,6 +62,8 @@ class SessionStore:
         self._watcher = None
         self._watch_task: asyncio.Task | None = None
         self.synced = asyncio.Event()
+        self._on_change = on_change
+        """Told of every record written (by any replica), as soon as the bucket says so."""
 
     async def open(self) -> SessionStore:
         try:
@@ -95,6 +99,8 @@ class SessionStore:
                 log.error("session entry %s is unreadable, ignored: %s", entry.key, e)
                 continue
             self.entries[entry.key] = record
+            if self._on_change is not None:
+                self._on_change(record)
 
     async def create(self, record: SessionRecord) -> int:
         return await self.kv.create(record.session, record.model_dump_json().encode())
@@ -123,7 +129,25 @@ class SessionStore:
         except Fenced:
             return None
 
-    async def delete(self, session: str, revision: int | None = None) -> None:
-        """Forget a finished session (only if it is still ours, when ``revision`` is given)."""
-        with contextlib.suppress(Exception):
-            await self.kv.delete(session, last=revision)
+    async def delete(self, session: str, owner: str) -> bool:
+        """Forget a finished session, only if ``owner`` still owns it (compare-and-set on the
+        revision read: an adopter's newer write wins). False if it was not deleted."""
+        try:
+            entry = await self.kv.get(session)
+            record = SessionRecord.model_validate_json(entry.value or b"{}")
+        except KeyNotFoundError:
+            return True
+        except ValueError:
+            record = None  # unreadable: whoever ends it may delete it
+        if record is not None and record.owner not in (owner, ""):
+            log.warning("session %s belongs to %s: not deleting it", session, record.owner)
+            return False
+        try:
+            await self.kv.delete(session, last=entry.revision)
+            return True
+        except KeyWrongLastSequenceError:
+            log.warning("session %s changed while being deleted: left for its owner", session)
+            return False
+        except Exception as e:  # reconnecting: the record expires with the bucket's TTL
+            log.warning("session %s not deleted: %s", session, e)
+            return False

@@ -21,8 +21,9 @@ from services.orchestrator.session_store import SessionRecord, SessionStore
 from voxbus.bus import now_us
 from voxbus.liveness import Liveness
 from voxbus.runner import Service
+from voxbus.stage_call import CallPolicy
 from voxbus.subjects import Event, Stage
-from voxbus.wire import Frame, SessionStart, SessionStarted, SttClaim, TurnEvent
+from voxbus.wire import Frame, SessionStart, SessionStarted, TurnEvent
 
 log = logging.getLogger("voxbus.orchestrator")
 
@@ -38,16 +39,22 @@ class OrchestratorWorker(Service):
         self.store: SessionStore | None = None
         self.liveness: Liveness | None = None
         self._adopting: set[str] = set()
+        self.policy = CallPolicy()
+        """Deadlines and retries of this replica's LLM and TTS calls."""
+        self.fallback_audio: dict[tuple[str | None, str], tuple[bytes, int]] = {}
+        """Each agent's fallback line, synthesized once per (voice, text)."""
 
     def sessions(self) -> list[str]:
         return sorted(self.runners)
 
     async def on_start(self) -> None:
-        self.store = await SessionStore(self.bus.nc, self.settings.prefix).open()
+        self.store = await SessionStore(self.bus.nc, self.settings.prefix,
+                                        on_change=self._on_record).open()
         self.liveness = await Liveness(self.bus, self.settings.lease_s).watch(
             Stage.ORCHESTRATOR, Stage.STT)
         await self.subscribe(self.subjects.work(self.stage), self._on_start_session, work=True)
         self.spawn(self._adopt_orphans(), name=f"{self.worker_id}-adopt")
+        self.spawn(self._watch_stt(), name=f"{self.worker_id}-stt-watch")
 
     async def _on_start_session(self, frame: Frame, msg: Msg) -> None:
         if not isinstance(frame, SessionStart):
@@ -62,17 +69,39 @@ class OrchestratorWorker(Service):
                 self.on_session(runner)
             await runner.start()
             runner.revision = await self.store.create(runner.snapshot(self.worker_id))
+            self.spawn(runner.prepare_fallback(), name=f"{frame.session}-fallback")
             log.info("%s runs session %s", self.worker_id, frame.session)
         if msg.reply:
             await self.bus.publish(msg.reply, SessionStarted(session=frame.session,
                                                              orchestrator=self.worker_id))
 
     async def _claim_stt(self, runner: SessionRunner) -> None:
-        if runner.stt_worker and self.liveness.serving(runner.stt_worker, runner.session):
+        link = runner.stt_link
+        if link.worker and self.liveness.serving(link.worker, runner.session):
+            link.claimed_at = time.monotonic()
             return  # an adopted session whose STT replica is still transcribing it
-        claimed = await self.bus.request(self.subjects.work(Stage.STT), SttClaim(
-            session=runner.session, sample_rate=runner.sample_rate), timeout=5.0)
-        runner.stt_worker = getattr(claimed, "worker", None)
+        await link.claim()
+
+    async def _watch_stt(self) -> None:
+        """Every session keeps an STT replica: one that died or let go is replaced."""
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_s)
+            for runner in list(self.runners.values()):
+                try:
+                    await runner.stt_link.check(self.liveness, self.settings.lease_s)
+                except Exception:  # one session's trouble must not stop the others' watch
+                    log.exception("%s: STT watch failed", runner.session)
+
+    def _on_record(self, record: SessionRecord) -> None:
+        """A session's stored record changed: if another replica owns it now, we stop at once
+        (two agents must never speak in one session), not only at our next save."""
+        runner = self.runners.get(record.session)
+        if runner is None or not record.owner or record.owner == self.worker_id:
+            return
+        log.warning("%s: session %s is owned by %s now; stopping here", self.worker_id,
+                    record.session, record.owner)
+        runner.fenced = True
+        self.spawn(self.end_session(record.session, forget=False))
 
     # --- crash resume -----------------------------------------------------------------
 
@@ -116,7 +145,7 @@ class OrchestratorWorker(Service):
         try:
             agent = load_agent(record.agent, self.settings.agents_dir)
         except AgentError as e:
-            await self.store.delete(record.session, revision)
+            await self.store.delete(record.session, self.worker_id)
             raise AgentError(f"cannot resume: {e}") from None
         started = time.monotonic()
         runner = SessionRunner(self, record.session, record.sample_rate, agent, resume=record)
@@ -127,6 +156,7 @@ class OrchestratorWorker(Service):
             self.on_session(runner)
         await runner.start()
         runner.save_soon()
+        self.spawn(runner.prepare_fallback(), name=f"{record.session}-fallback")
         log.warning("%s adopted session %s from %s at node %s, turn %d (state %.1f s old, "
                     "resumed in %.0f ms)", self.worker_id, record.session, seen.owner or "-",
                     record.node, record.turn, (now_us() - silent_since) / 1e6,
@@ -141,8 +171,8 @@ class OrchestratorWorker(Service):
         runner = self.runners.pop(session, None)
         if runner:
             await runner.close()
-            if forget and self.store and runner.revision is not None:
-                await self.store.delete(session)
+            if forget and self.store and runner.revision is not None and not runner.fenced:
+                await self.store.delete(session, self.worker_id)
             log.info("%s %s session %s", self.worker_id, "ended" if forget else "let go of",
                      session)
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 
 from pipecat.frames.frames import TranscriptionFrame
 from pipecat.services.stt_service import STTService
 from pipecat.services.whisper.stt import WhisperSTTService
+from pipecat.utils.time import time_now_iso8601
 
 from voxbus.config import Settings
 
@@ -49,10 +51,16 @@ class SharedWhisperSTTService(WhisperSTTService):
     async def run_stt(self, audio: bytes):
         # A segment is transcribed whole, once the VAD has heard it end: the result is final,
         # and saying so lets the turn strategy end the turn now instead of after its timeout.
+        heard = False
         async for frame in super().run_stt(audio):
             if isinstance(frame, TranscriptionFrame):
                 frame.finalized = True
+                heard = True
             yield frame
+        if not heard:
+            # "Nothing intelligible" is an answer too: the orchestrator, waiting for this
+            # segment's transcript, must tell it from a replica that died or stalled.
+            yield TranscriptionFrame("", self._user_id, time_now_iso8601(), finalized=True)
 
 
 def make_stt_service(settings: Settings) -> STTService:
@@ -61,7 +69,10 @@ def make_stt_service(settings: Settings) -> STTService:
         voxbus_settings=settings,
         device=settings.stt_device,
         compute_type=settings.stt_compute_type,
-        settings=WhisperSTTService.Settings(model=model),
+        # Pipecat keeps a segment only if its no_speech_prob is under 0.4; the VAD has already
+        # heard speech, so only Whisper's own rule (faster-whisper drops a segment whose
+        # no_speech_prob > 0.6 *and* avg_logprob < -1) may throw one away.
+        settings=WhisperSTTService.Settings(model=model, no_speech_prob=math.inf),
         # Whisper needs to hear the end of speech, but every padded second costs encoder time.
         trailing_silence_secs=0.2,
     )

@@ -42,6 +42,9 @@ log = logging.getLogger("voxbus.stt")
 STT_TTFS = Histogram("stt_ttfs_seconds", "VAD stop to final transcript", buckets=(
     0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5))
 
+DRAIN_WAIT_S = 10.0
+"""How long a draining replica waits for a session's segment in progress before letting go."""
+
 VAD_ALIGN_TIMEOUT_S = 0.3
 """How long a VAD event waits for the audio it refers to before being applied anyway."""
 
@@ -54,6 +57,11 @@ class SessionStream:
         self.session = session
         self.sample_rate = sample_rate
         self.fed_seq = -1
+        self.skip_until = -1
+        """Live frames up to this seq were handed over in the claim's backlog already."""
+        self.pending = 0
+        """Segments the VAD closed whose transcript has not been published yet."""
+        self.speaking = False
         self._fed = asyncio.Condition()
         self._stop_seq = 0
         self._stopped_at: float | None = None
@@ -64,8 +72,10 @@ class SessionStream:
         )
         self._subs = []
 
-    async def start(self) -> None:
+    async def start(self, claim: SttClaim | None = None) -> None:
         await self.pipeline.start()
+        if claim is not None and claim.backlog:
+            await self._hand_over(claim)
         subjects = self.worker.subjects
         self._subs = [
             await self.worker.subscribe(subjects.audio_in(self.session), self._on_audio),
@@ -82,8 +92,33 @@ class SessionStream:
         self._subs = []
         await self.pipeline.stop(graceful=graceful)
 
+    async def _hand_over(self, claim: SttClaim) -> None:
+        """Take up where a replica that died or drained left off: its untranscribed audio is
+        a segment that began before our first live frame."""
+        frame_bytes = max(2, self.sample_rate // 50 * 2)
+        await self.pipeline.queue(VADUserStartedSpeakingFrame())
+        self.speaking = True
+        for i in range(0, len(claim.backlog), frame_bytes):
+            await self.pipeline.queue(InputAudioRawFrame(
+                audio=claim.backlog[i:i + frame_bytes], sample_rate=self.sample_rate,
+                num_channels=1))
+        self.skip_until = self.fed_seq = claim.backlog_seq
+        if not claim.backlog_speaking:
+            self.speaking = False
+            self.pending += 1
+            self._stop_seq = claim.backlog_seq
+            self._stopped_at = time.monotonic()
+            await self.pipeline.queue(VADUserStoppedSpeakingFrame())
+        log.info("%s: took over %.1f s of untranscribed audio (up to seq %d)", self.session,
+                 len(claim.backlog) / 2 / self.sample_rate, claim.backlog_seq)
+
+    @property
+    def busy(self) -> bool:
+        """Mid-segment or transcribing: releasing now would cost the user's words."""
+        return self.speaking or self.pending > 0
+
     async def _on_audio(self, frame: Frame, _msg: Msg) -> None:
-        if not isinstance(frame, AudioIn):
+        if not isinstance(frame, AudioIn) or frame.seq <= self.skip_until:
             return
         self.last_audio = time.monotonic()
         await self.pipeline.queue(
@@ -105,9 +140,14 @@ class SessionStream:
             except TimeoutError:
                 log.warning("%s: VAD event for seq %d applied at seq %d",
                             self.session, frame.seq, self.fed_seq)
+        if frame.seq <= self.skip_until:
+            return  # the hand-over already covered it
         if frame.state is VadState.STARTED:
+            self.speaking = True
             await self.pipeline.queue(VADUserStartedSpeakingFrame())
         else:
+            self.speaking = False
+            self.pending += 1
             self._stop_seq = frame.seq
             self._stopped_at = time.monotonic()
             await self.pipeline.queue(VADUserStoppedSpeakingFrame())
@@ -119,6 +159,8 @@ class SessionStream:
 
     async def _on_transcript(self, frame: TranscriptionFrame | InterimTranscriptionFrame) -> None:
         final = isinstance(frame, TranscriptionFrame)
+        if final:
+            self.pending = max(0, self.pending - 1)
         text = frame.text.strip()
         bus, subjects = self.worker.bus, self.worker.subjects
         await bus.publish(
@@ -156,7 +198,7 @@ class SttWorker(Service):
         if frame.session not in self.streams:
             stream = SessionStream(self, frame.session, frame.sample_rate)
             self.streams[frame.session] = stream
-            await stream.start()
+            await stream.start(frame)
             log.info("%s claimed session %s", self.worker_id, frame.session)
         if msg.reply:
             await self.bus.publish(msg.reply, SttClaimed(session=frame.session,
@@ -178,9 +220,15 @@ class SttWorker(Service):
                     await self.release(session)
 
     async def on_drain(self) -> None:
-        # Claimed sessions finish: their transcripts are still owed.
-        for session in list(self.streams):
-            await self.release(session)
+        # Each session is let go between segments: its orchestrator sees it missing from our
+        # heartbeat and claims another replica, handing over any audio we had not finished.
+        deadline = time.monotonic() + DRAIN_WAIT_S
+        while self.streams:
+            for session, stream in list(self.streams.items()):
+                if not stream.busy or time.monotonic() > deadline:
+                    await self.release(session)
+            if self.streams:
+                await asyncio.sleep(0.05)
 
     async def on_stop(self) -> None:
         for stream in list(self.streams.values()):

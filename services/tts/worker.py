@@ -62,11 +62,11 @@ class TtsWorker(Service):
         if not isinstance(frame, TtsRequest):
             raise TypeError(f"expected TtsRequest, got {type(frame).__name__}")
         reply = msg.reply or self.subjects.reply(frame.session, Stage.TTS, frame.turn, frame.index)
-        self.tasks.start(frame.session, frame.turn, self._synthesize(frame, reply))
+        self.tasks.start(frame.session, frame.turn, self._synthesize(frame, reply), reply=reply)
 
     async def _on_ctl(self, frame: Frame, _msg: Msg) -> None:
         if isinstance(frame, Cancel):
-            self.tasks.cancel(frame.session, frame.turn)
+            self.tasks.cancel(frame.session, frame.turn, frame.reply)
 
     async def _synthesize(self, req: TtsRequest, reply: str) -> None:
         self.inflight += 1

@@ -1,0 +1,10 @@
+"""The orchestrator's Prometheus metrics, in one place so every module counts the same series."""
+
+from prometheus_client import Counter
+
+STAGE_ERRORS = Counter("voxbus_stage_errors_total",
+                       "Stage calls a session could not get done, by stage and code",
+                       ["stage", "code"])
+FALLBACKS = Counter("voxbus_fallback_lines_total",
+                    "Turns answered with the agent's fallback line, by the stage that failed",
+                    ["stage"])
