@@ -12,10 +12,10 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
-import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
@@ -39,6 +39,46 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
+class _ConnectionLog:
+    """nats-py's connection callbacks as one quiet line per change (its default error callback
+    logs a traceback per failed attempt: ~1,600 lines for a few seconds without a server)."""
+
+    def __init__(self, nc: Client, service: str, url: str):
+        self.nc = nc
+        self.service = service
+        self.url = url
+        self.connected = False
+        self.last_error = ""
+
+    async def error(self, e: Exception) -> None:
+        text = _describe(e)
+        if text != self.last_error and self.connected:  # the first connection raises instead
+            log.warning("%s: NATS at %s: %s", self.service, self.url, text)
+        self.last_error = text
+
+    async def disconnected(self) -> None:
+        if self.connected and not self.nc.is_closed:  # closed: we hung up ourselves
+            log.warning("%s: lost NATS at %s; reconnecting", self.service, self.url)
+
+    async def reconnected(self) -> None:
+        self.last_error = ""
+        log.info("%s: reconnected to NATS at %s", self.service, self.url)
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, ConnectionRefusedError):
+        return "connection refused"
+    return str(e) or type(e).__name__
+
+
+async def _abandon(nc: Client) -> None:
+    """Close a client whose first connection failed, so none of its tasks outlive it."""
+    try:
+        await nc.close()
+    except (NatsError, OSError) as e:
+        log.debug("closing an unconnected NATS client: %s", e)
+
+
 class Bus:
     """One NATS connection plus the voxbus conventions on top of it."""
 
@@ -53,22 +93,35 @@ class Bus:
     async def connect(
         cls, url: str, subjects: Subjects, service: str, *, attempts: int = 20
     ) -> Bus:
-        """Connect, retrying while the server comes up (``voxbus up`` starts both at once)."""
-        last: Exception | None = None
-        for _ in range(attempts):
-            try:
-                nc = await nats.connect(
-                    url,
-                    name=f"voxbus-{service}",
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,
-                    connect_timeout=2,
-                )
-                return cls(nc, subjects, service)
-            except Exception as e:  # connection refused, DNS, timeout: all mean "not yet"
-                last = e
-                await asyncio.sleep(0.25)
-        raise ConnectionError(f"cannot reach NATS at {url}: {last}")
+        """Connect, retrying while the server comes up (``voxbus up`` starts both at once).
+
+        The first connection makes ``attempts`` tries 0.5 s apart, quietly, and then raises one
+        ``ConnectionError``; once connected the client reconnects forever, and every change
+        (lost, back, an error) is one log line naming the service, never a traceback.
+        """
+        nc = Client()
+        events = _ConnectionLog(nc, service, url)
+        try:
+            await asyncio.wait_for(nc.connect(
+                url,
+                name=f"voxbus-{service}",
+                error_cb=events.error,
+                disconnected_cb=events.disconnected,
+                reconnected_cb=events.reconnected,
+                # Bounded for the first connection only; lifted below once connected.
+                max_reconnect_attempts=max(attempts - 1, 1),
+                reconnect_time_wait=0.5,
+                connect_timeout=2,
+            ), timeout=attempts * 2.5 + 1)
+        except (OSError, TimeoutError, NatsError) as e:
+            await _abandon(nc)
+            raise ConnectionError(f"cannot reach NATS at {url}: {events.last_error or e}") from None
+        except BaseException:
+            await _abandon(nc)
+            raise
+        nc.options["max_reconnect_attempts"] = -1  # read on every reconnect: never give up now
+        events.connected = True
+        return cls(nc, subjects, service)
 
     async def close(self) -> None:
         if not self.nc.is_closed:

@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+NATS_HINT = "is `voxbus up` running? (or pass --nats URL / set VOXBUS_NATS_URL)"
+
 
 def _run_service(name: str) -> int:
     from voxbus.runner import configure_logging, run_forever
@@ -122,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     p_up.add_argument("--nats-port", type=int, default=4222)
     p_up.add_argument("--http-port", type=int,
                       default=int(os.environ.get("VOXBUS_HTTP_PORT", "8080")))
+    p_up.add_argument("--scale", metavar="STAGE=N,...",
+                      help="replicas per stage, e.g. stt=2,llm=2,tts=2,orchestrator=2 (default 1)")
 
     for name in ("stt", "llm", "tts", "orchestrator", "gateway"):
         sub.add_parser(name, help=f"run one {name} replica (configured by environment)")
@@ -169,15 +173,23 @@ def main(argv: list[str] | None = None) -> int:
         from voxbus.errors import VoxbusError
         try:
             return _recordings(args)
-        except (ConnectionError, OSError, ValueError, VoxbusError) as e:
+        except ConnectionError as e:
+            print(f"voxbus {args.cmd}: {e}: {NATS_HINT}", file=sys.stderr)
+            return 2
+        except (OSError, ValueError, VoxbusError) as e:
             print(f"voxbus {args.cmd}: {e}", file=sys.stderr)
             return 2
     if args.cmd == "up":
         from voxbus.runner import configure_logging
-        from voxbus.up import up
+        from voxbus.up import parse_scale, up
 
+        try:
+            scale = parse_scale(args.scale)
+        except ValueError as e:
+            print(f"voxbus up: {e}", file=sys.stderr)
+            return 2
         configure_logging("WARNING")
-        return asyncio.run(up(args.nats_port, args.http_port))
+        return asyncio.run(up(args.nats_port, args.http_port, scale))
     if args.cmd == "token":
         from services.media_gateway.tokens import TokenAuthority
         from voxbus.config import Settings
@@ -203,7 +215,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             asyncio.run(talk(args.nats, args.wavs, agent=args.agent, out_wav=args.out,
                              prefix=os.environ.get("VOXBUS_PREFIX", "vox"), on_turn=show))
-        except (ConnectionError, OSError, VoxbusError) as e:
+        except ConnectionError as e:
+            print(f"voxbus talk: {e}: {NATS_HINT}", file=sys.stderr)
+            return 2
+        except (OSError, ValueError, VoxbusError) as e:
             print(f"voxbus talk: {e}", file=sys.stderr)
             return 2
         return 0

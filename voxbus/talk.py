@@ -7,6 +7,7 @@ import inspect
 import json
 import time
 import uuid
+import wave
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -104,11 +105,34 @@ def speech_end_offset_s(pcm: bytes) -> float:
     return float((voiced[-1] + 1) * 0.02) if voiced.size else 0.0
 
 
+def check_wavs(wavs: list[str]) -> None:
+    """Every WAV exists and reads as PCM audio, before anything touches NATS: ValueError names
+    the first that does not."""
+    for path in wavs:
+        try:
+            with wave.open(str(path), "rb") as w:
+                width, frames_n = w.getsampwidth(), w.getnframes()
+        except FileNotFoundError:
+            raise ValueError(f"{path}: no such file") from None
+        except IsADirectoryError:
+            raise ValueError(f"{path}: is a folder, not a WAV file") from None
+        except PermissionError:
+            raise ValueError(f"{path}: not readable (permission denied)") from None
+        except (wave.Error, EOFError, OSError) as e:
+            why = str(e) or "truncated header"
+            raise ValueError(f"{path}: not a PCM WAV file ({why})") from None
+        if width not in (1, 2, 4):
+            raise ValueError(f"{path}: {8 * width}-bit WAV is not supported (8, 16 or 32-bit)")
+        if frames_n == 0:
+            raise ValueError(f"{path}: the WAV holds no audio")
+
+
 async def talk(
     nats_url: str, wavs: list[str], *, prefix: str = "vox", agent: str = "chat",
     reply_silence_s: float = 1.2, turn_timeout_s: float = 60.0, on_turn=None,
     out_wav: str | None = None,
 ) -> list[TurnResult]:
+    check_wavs(wavs)
     subjects = Subjects(prefix)
     bus = await Bus.connect(nats_url, subjects, "talk", attempts=3)
     session = uuid.uuid4().hex[:12]

@@ -1,62 +1,250 @@
-"""``voxbus up``: everything on one machine, each stage its own process, as deployed."""
+"""``voxbus up``: everything on one machine, each stage its own process, as deployed.
+
+The composition only: which children (nats-server, the local LLM endpoint, every stage
+replica), in what order, and what is checked before ``voxbus ready``; keeping them running is
+:mod:`voxbus.supervisor`'s job.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
+import errno
 import os
 import signal
 import sys
+import uuid
+from collections.abc import Callable
 
+import openai
+
+from voxbus.bus import Bus
 from voxbus.config import Settings
-from voxbus.llm_server import MODEL_ALIAS, LocalLlmServer
-from voxbus.natsd import NatsServer
+from voxbus.llm_server import MODEL_ALIAS, LocalLlmServer, sigill_hint
+from voxbus.natsd import NatsServer, PortTaken, port_in_use
 from voxbus.recording import Recorder
-
-log = logging.getLogger("voxbus.up")
+from voxbus.subjects import Subjects
+from voxbus.supervisor import Child, ChildFailed, Supervisor, describe_exit, say
 
 STAGES = ("stt", "llm", "tts", "orchestrator", "gateway")
-RESTART_LIMIT = 5
+MAX_REPLICAS = 16
+NATS_START_S = 15.0
+LLM_START_S = 180.0
+"""Loading the GGUF; a remote endpoint has nothing to load."""
+LLM_CHECK_S = 30.0
+"""The one chat completion before ``voxbus ready``: a cold remote model may take a while."""
+STAGES_READY_S = 600.0
+"""Every replica loads its models at once on a small machine: generous, but bounded."""
 
 
-class Child:
-    """One stage process; restarted if it dies, stopped with its whole process group."""
+class UpError(Exception):
+    """What stops ``voxbus up`` before or while running, as one line for the user."""
 
-    def __init__(self, name: str, env: dict[str, str]):
-        self.name = name
-        self.env = env
-        self.proc: asyncio.subprocess.Process | None = None
-        self.ready = asyncio.Event()
-        self.restarts = 0
 
-    async def start(self) -> None:
-        self.ready.clear()
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "voxbus.cli", self.name, env=self.env,
-            stdout=asyncio.subprocess.PIPE, stderr=None, start_new_session=True,
-        )
-        asyncio.get_running_loop().create_task(self._read())
-
-    async def _read(self) -> None:
-        assert self.proc and self.proc.stdout
-        async for line in self.proc.stdout:
-            text = line.decode(errors="replace").rstrip()
-            if text.endswith(" ready"):
-                self.ready.set()
-            print(f"[{self.name}] {text}", flush=True)
-
-    async def stop(self) -> None:
-        if not self.proc or self.proc.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
+def parse_scale(text: str | None) -> dict[str, int]:
+    """``stt=2,tts=2`` → replicas per stage (1 for the rest); ValueError says what is wrong."""
+    scale = dict.fromkeys(STAGES, 1)
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        stage, eq, count = item.partition("=")
+        stage = stage.strip()
+        if not eq or stage not in STAGES:
+            raise ValueError(f"--scale {item!r}: expected STAGE=N with STAGE one of "
+                             f"{', '.join(STAGES)}")
         try:
-            await asyncio.wait_for(self.proc.wait(), 10)
+            n = int(count)
+        except ValueError:
+            raise ValueError(f"--scale {item!r}: {count.strip()!r} is not a whole number") from None
+        if not 1 <= n <= MAX_REPLICAS:
+            raise ValueError(f"--scale {item!r}: replicas must be 1 to {MAX_REPLICAS}")
+        if stage == "gateway" and n != 1:
+            raise ValueError("--scale gateway: voxbus up runs one gateway (one HTTP port); start "
+                             "more with VOXBUS_HTTP_PORT=N voxbus gateway")
+        scale[stage] = n
+    return scale
+
+
+async def up(nats_port: int, http_port: int, scale: dict[str, int] | None = None) -> int:
+    """Run until SIGINT/SIGTERM (0), a child that cannot be kept running (1), or a failed
+    start-up check (1); a signal at any point stops the children first."""
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    sup = Supervisor()
+    signalled: list[int] = []
+    ready = False
+
+    def on_signal(sig: int) -> None:
+        if not signalled:
+            main.cancel()
+        else:  # a second Ctrl-C while stopping: no more grace
+            sup.kill_all()
+        signalled.append(sig)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    nats: NatsServer | None = None
+    try:
+        settings = Settings()
+        if not os.environ.get("VOXBUS_NATS_URL"):
+            # One folder for the server's whole life: a restarted server keeps its streams.
+            nats = NatsServer(nats_port, store_dir=settings.jetstream_dir or None)
+
+        def on_ready() -> None:
+            nonlocal ready
+            ready = True
+
+        await _compose(sup, settings, nats, http_port, scale or parse_scale(None), on_ready)
+        return 0
+    except asyncio.CancelledError:
+        if not signalled:
+            raise
+        return 0 if ready else 130
+    except ChildFailed as failed:
+        print(f"voxbus up: {failed.report()}", file=sys.stderr, flush=True)
+        if failed.child.hint and (advice := failed.child.hint(failed.returncode)):
+            print(f"voxbus up: {advice}", file=sys.stderr, flush=True)
+        return 1
+    except (UpError, PortTaken) as e:
+        print(f"voxbus up: {e}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        started = bool(sup.children)
+        if started:
+            print("stopping...", flush=True)
+        await sup.stop()
+        if nats:
+            nats.stop()  # removes its temporary JetStream folder
+        if started:
+            print("stopped", flush=True)
+
+
+async def _compose(sup: Supervisor, settings: Settings, nats: NatsServer | None, http_port: int,
+                   scale: dict[str, int], on_ready: Callable[[], None]) -> None:
+    env = dict(os.environ)
+    host = env.get("VOXBUS_HTTP_HOST", "127.0.0.1")
+    if port_in_use(http_port, "127.0.0.1" if host in ("", "0.0.0.0") else host):
+        raise UpError(f"port {http_port} is in use by another program: stop it or use "
+                      "--http-port N")
+    if nats is not None:
+        await start_nats(sup, nats)
+        env["VOXBUS_NATS_URL"] = nats.url
+    if settings.record:
+        await sup.guard(record_sessions(env["VOXBUS_NATS_URL"], settings))
+
+    local_child = None
+    if not env.get("OPENAI_BASE_URL"):
+        local = LocalLlmServer()
+        print("starting local LLM endpoint (llama-cpp-python, SmolLM2-135M)...", flush=True)
+        local_child = await sup.start(Child("llm-server", local.command(), probe=local.is_up,
+                                            must_start=True, hint=sigill_hint, tier=1))
+        env["OPENAI_BASE_URL"] = local.base_url
+        env["VOXBUS_LLM_MODEL"] = env.get("VOXBUS_LLM_MODEL") or MODEL_ALIAS
+    env["VOXBUS_HTTP_PORT"] = str(http_port)
+
+    stages = []
+    for stage in STAGES:
+        for n in range(1, scale[stage] + 1):
+            replica = dict(env, VOXBUS_WORKER_ID=f"{n}-{uuid.uuid4().hex[:6]}")
+            stages.append(await sup.start(Child(
+                f"{stage}-{n}", [sys.executable, "-m", "voxbus.cli", stage], env=replica,
+                ready_suffix=" ready", tier=2)))
+    print("loading models...", flush=True)
+    # The stages load their models meanwhile: the check costs no start-up time.
+    await sup.guard(check_endpoint(env["OPENAI_BASE_URL"], env.get("OPENAI_API_KEY", "sk-local"),
+                                   env.get("VOXBUS_LLM_MODEL") or settings.llm_model,
+                                   local_child))
+    try:
+        await sup.guard(asyncio.wait_for(
+            asyncio.gather(*(c.ready.wait() for c in stages)), STAGES_READY_S))
+    except TimeoutError:
+        late = ", ".join(c.name for c in stages if not c.ready.is_set())
+        raise UpError(f"not ready after {STAGES_READY_S:.0f} s: {late} (see their output "
+                      "above)") from None
+    host = "127.0.0.1" if host in ("", "0.0.0.0") else host
+    url = env["VOXBUS_NATS_URL"]
+    print(f"voxbus ready: open http://{host}:{http_port}/  nats={url} "
+          f"(or: voxbus talk some.wav --nats {url})", flush=True)
+    on_ready()
+    await sup.guard(asyncio.Event().wait())  # until a child fails or a signal cancels us
+
+
+async def start_nats(sup: Supervisor, nats: NatsServer) -> None:
+    """nats-server on its port, and proof that the server answering there is this one."""
+    if port_in_use(nats.port):
+        raise PortTaken(nats.port)
+    child = await sup.start(Child("nats-server", nats.command(), probe=nats.is_ours,
+                                  must_start=True, tier=0))
+    try:
+        await sup.guard(asyncio.wait_for(child.until_ready(), NATS_START_S))
+    except ChildFailed as failed:
+        if any("address already in use" in line for line in failed.tail):
+            raise PortTaken(nats.port) from None
+        raise
+    except TimeoutError:
+        raise UpError(f"nats-server did not answer on port {nats.port} within "
+                      f"{NATS_START_S:.0f} s") from None
+    # The INFO the client got when it connected names the server: ours, not a stranger's.
+    bus = await sup.guard(Bus.connect(nats.url, Subjects("up"), "up", attempts=3))
+    try:
+        name = bus.nc._server_info.get("server_name")  # nats-py keeps INFO only here
+    finally:
+        await bus.close()
+    if name != nats.name:
+        raise PortTaken(nats.port)
+    print(f"nats-server {nats.name} with JetStream on {nats.url} (store {nats.store_dir})",
+          flush=True)
+
+
+async def check_endpoint(base_url: str, api_key: str, model: str, local: Child | None) -> None:
+    """One real chat completion, bounded; UpError (or the local server's ChildFailed) says
+    what is wrong. A local endpoint that dies meanwhile is reported as its death."""
+    if local is not None:
+        try:
+            await asyncio.wait_for(local.until_ready(), LLM_START_S)
         except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            await self.proc.wait()
+            raise UpError(f"the local LLM endpoint did not answer on {base_url} within "
+                          f"{LLM_START_S:.0f} s") from None
+        say(f"LLM endpoint on {base_url}")
+    client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=LLM_CHECK_S,
+                                max_retries=0)
+    ask = asyncio.create_task(client.chat.completions.create(
+        model=model, max_tokens=1, messages=[{"role": "user", "content": "Say OK."}]))
+    died = asyncio.create_task(local.exited.wait() if local else asyncio.Event().wait())
+    try:
+        await asyncio.wait([ask, died], return_when=asyncio.FIRST_COMPLETED)
+        if died.done():
+            raise ChildFailed(local, f"exited ({describe_exit(local.returncode)}) during the "
+                                     "endpoint check")
+        ask.result()
+    except openai.AuthenticationError:
+        raise UpError(f"the LLM endpoint {base_url} refused the API key (401): set "
+                      "OPENAI_API_KEY") from None
+    except openai.NotFoundError:
+        raise UpError(f"the LLM endpoint {base_url} answered 404 for model {model!r}: set "
+                      "VOXBUS_LLM_MODEL to a model it serves (and check OPENAI_BASE_URL "
+                      "ends in its API path, e.g. /v1)") from None
+    except openai.APITimeoutError:
+        raise UpError(f"the LLM endpoint {base_url} gave no chat completion within "
+                      f"{LLM_CHECK_S:.0f} s") from None
+    except openai.APIConnectionError as e:
+        raise UpError(f"cannot reach the LLM endpoint {base_url}: {_connection_reason(e)}: "
+                      "check OPENAI_BASE_URL") from None
+    except openai.APIStatusError as e:
+        raise UpError(f"the LLM endpoint {base_url} answered {e.status_code} to a chat "
+                      f"completion for model {model!r}: {e.message}") from None
+    finally:
+        for t in (ask, died):
+            t.cancel()
+        await asyncio.gather(ask, died, return_exceptions=True)
+        await client.close()
+    say(f"LLM endpoint check passed: model {model!r} answered a chat completion")
+
+
+def _connection_reason(e: BaseException) -> str:
+    """The innermost cause of a failed HTTP connection, e.g. ``connection refused``."""
+    while e.__cause__ is not None or e.__context__ is not None:
+        e = e.__cause__ or e.__context__
+        if isinstance(e, OSError) and e.errno == errno.ECONNREFUSED:
+            return "connection refused (nothing listens there)"
+    return str(e) or type(e).__name__
 
 
 async def record_sessions(nats_url: str, settings: Settings) -> None:
@@ -69,63 +257,3 @@ async def record_sessions(nats_url: str, settings: Settings) -> None:
             else "no")
     print(f"recording sessions in JetStream stream {recorder.stream} ({age} age limit, {size} "
           "size limit): voxbus sessions / record / replay", flush=True)
-
-
-async def up(nats_port: int, http_port: int) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-
-    env = dict(os.environ)
-    nats = llm = None
-    children: list[Child] = []
-    try:
-        settings = Settings()
-        if not env.get("VOXBUS_NATS_URL"):
-            store = settings.jetstream_dir or None
-            nats = await asyncio.to_thread(NatsServer(nats_port, store_dir=store).start)
-            env["VOXBUS_NATS_URL"] = nats.url
-            print(f"nats-server with JetStream on {nats.url}", flush=True)
-        if settings.record:
-            await record_sessions(env["VOXBUS_NATS_URL"], settings)
-        if not env.get("OPENAI_BASE_URL"):
-            print("starting local LLM endpoint (llama-cpp-python, SmolLM2-135M)...", flush=True)
-            llm = await asyncio.to_thread(LocalLlmServer().start)
-            env["OPENAI_BASE_URL"] = llm.base_url
-            env.setdefault("VOXBUS_LLM_MODEL", MODEL_ALIAS)
-            print(f"LLM endpoint on {llm.base_url}", flush=True)
-        env["VOXBUS_HTTP_PORT"] = str(http_port)
-        children = [Child(name, env) for name in STAGES]
-        for child in children:
-            await child.start()
-        print("loading models...", flush=True)
-        waits = [asyncio.create_task(c.ready.wait()) for c in children]
-        stopper = asyncio.create_task(stop.wait())
-        await asyncio.wait([asyncio.gather(*waits), stopper], return_when=asyncio.FIRST_COMPLETED)
-        if stop.is_set():
-            return 130
-        host = env.get("VOXBUS_HTTP_HOST", "127.0.0.1")
-        host = "127.0.0.1" if host in ("", "0.0.0.0") else host
-        print(f"voxbus ready: open http://{host}:{http_port}/  nats={env['VOXBUS_NATS_URL']} "
-              f"(or: voxbus talk some.wav --nats {env['VOXBUS_NATS_URL']})", flush=True)
-        while not stop.is_set():
-            for child in children:
-                if child.proc and child.proc.returncode is not None:
-                    if child.restarts >= RESTART_LIMIT:
-                        print(f"{child.name} keeps dying; stopping", flush=True)
-                        return 1
-                    child.restarts += 1
-                    print(f"{child.name} exited ({child.proc.returncode}); restarting", flush=True)
-                    await child.start()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 1.0)
-        return 0
-    finally:
-        print("stopping...", flush=True)
-        await asyncio.gather(*(c.stop() for c in children))
-        if llm:
-            llm.stop()
-        if nats:
-            nats.stop()
-        print("stopped", flush=True)
