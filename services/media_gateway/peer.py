@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,7 @@ from nats.aio.msg import Msg
 from services.media_gateway.audio_tracks import AgentAudioTrack, InboundResampler
 from voxbus.audio import WIRE_RATE
 from voxbus.bus import now_us
+from voxbus.errors import VoxbusError
 from voxbus.subjects import Stage
 from voxbus.wire import (
     AudioFlush,
@@ -48,6 +50,16 @@ log = logging.getLogger("voxbus.gateway")
 CONNECT_GRACE_S = 20.0  # ICE + DTLS + first audio; a loaded machine can take seconds
 SEQ_HISTORY = 1500  # 30 s of 20 ms frames: when each sent frame left, to date speech ends
 LISTEN_AFTER_S = 0.4  # a drained buffer this long means the agent finished speaking
+MAX_QUEUED_S = 60.0
+"""Agent audio the outbound buffer may hold; the orchestrator paces it, so more is a fault."""
+MAX_TEXT = 4000
+"""Characters of one text the page is sent (a TTS sentence's limit); longer ones are cut."""
+
+
+class BadFrame(VoxbusError):
+    """A frame this peer cannot play or show; the bus reports it and the session carries on."""
+
+    code = "bad_frame"
 
 
 def _tune_jitter_buffer(receiver, prefetch: int) -> None:
@@ -162,18 +174,26 @@ class PeerSession:
     async def _on_agent_audio(self, frame: Frame, _msg: Msg) -> None:
         if isinstance(frame, AudioOut):
             if frame.sample_rate != WIRE_RATE:
-                raise ValueError(f"agent audio at {frame.sample_rate} Hz; the gateway plays "
-                                 f"{WIRE_RATE} Hz")
+                raise BadFrame(f"agent audio at {frame.sample_rate} Hz; the gateway plays "
+                               f"{WIRE_RATE} Hz")
+            if len(frame.pcm) % 2:
+                # One odd byte would shift every later sample and play the rest as noise.
+                raise BadFrame(f"agent audio of {len(frame.pcm)} bytes is not PCM16")
+            if self.outbound.queued_s + len(frame.pcm) / 2 / WIRE_RATE > MAX_QUEUED_S:
+                raise BadFrame(f"agent audio would queue over {MAX_QUEUED_S:.0f} s; dropped")
             self.outbound.write(frame.pcm)
         elif isinstance(frame, AudioFlush):
             self.outbound.flush()
+        else:
+            raise BadFrame(f"{type(frame).__name__} on audio.out: expected AudioOut or "
+                           "AudioFlush")
 
     async def _on_event(self, frame: Frame, _msg: Msg) -> None:
         if isinstance(frame, Transcript):
-            self.send({"type": "transcript", "role": "user", "text": frame.text,
+            self.send({"type": "transcript", "role": "user", "text": _clip(frame.text),
                        "final": frame.final, "turn": self._turn + 1})
         elif isinstance(frame, BotText):
-            self.send({"type": "transcript", "role": "bot", "text": frame.text,
+            self.send({"type": "transcript", "role": "bot", "text": _clip(frame.text),
                        "final": frame.final, "turn": frame.turn})
         elif isinstance(frame, VadEvent):
             if frame.state == VadState.STOPPED:
@@ -190,14 +210,20 @@ class PeerSession:
             elif frame.state == "interrupted":
                 self._awaiting_audio = False
                 self._set_state("listening")
-            self.send({"type": "turn", "turn": frame.turn, "state": frame.state})
+            self.send({"type": "turn", "turn": frame.turn, "state": _clip(frame.state)})
         elif isinstance(frame, Metric):
+            if not math.isfinite(frame.value_ms):
+                raise BadFrame(f"metric {_clip(frame.name)!r} is {frame.value_ms}: not a number "
+                               "the page can show")
             # Stage figures without a turn (STT) belong to the user turn that is ending.
-            self.send({"type": "metric", "turn": frame.turn or self._turn + 1, "name": frame.name,
+            self.send({"type": "metric", "turn": frame.turn or self._turn + 1,
+                       "name": _clip(frame.name),
                        "ms": round(frame.value_ms, 1)})
         elif isinstance(frame, ErrorEvent):
             self.send({"type": "error", "service": frame.service, "code": frame.code,
-                       "message": frame.message})
+                       "message": _clip(frame.message)})
+        else:
+            raise BadFrame(f"{type(frame).__name__} is not a session event")
 
     def _on_playing(self) -> None:
         if self._listen_timer:
@@ -264,3 +290,5 @@ class PeerSession:
             await self.pc.close()
 
 
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_TEXT else text[:MAX_TEXT] + "…"
