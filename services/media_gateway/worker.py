@@ -4,7 +4,8 @@ HTTP API (JSON):
     GET  /                 the page (static files under ``web/``, no build step)
     POST /api/token        {"agent"?} → {"token", "session", "expires_in"}   (VOXBUS_OPEN_TOKENS)
     POST /api/offer        {"sdp", "type": "offer", "token"} → {"sdp", "type": "answer", "session"}
-Errors are ``{"error": "..."}`` with 400 (bad offer), 401 (token), 403, 503 (no orchestrator).
+Errors are ``{"error": "..."}`` with 400 (bad offer), 401 (token), 403, 405, 409, 413 (body over
+256 KB), 415 (a body that is not ``application/json``), 503 (no orchestrator); never a page.
 Signaling is non-trickle: the page waits for ICE gathering before it posts the offer.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 from aiohttp import web
@@ -27,6 +29,8 @@ log = logging.getLogger("voxbus.gateway")
 
 WEB_DIR = Path(__file__).parent / "web"
 MAX_BODY = 256 * 1024  # an SDP offer is a few KB
+AGENT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+"""An agent is named by its file name (services/orchestrator/agent.py)."""
 
 
 class GatewayWorker(Service):
@@ -60,7 +64,7 @@ class GatewayWorker(Service):
     # --- lifecycle ------------------------------------------------------------------
 
     async def on_start(self) -> None:
-        app = web.Application(client_max_size=MAX_BODY)
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[_api_errors])
         app.router.add_get("/", self._index)
         app.router.add_static("/static/", WEB_DIR, show_index=False)
         app.router.add_post("/api/token", self._token)
@@ -93,7 +97,10 @@ class GatewayWorker(Service):
         body = await _json_body(request, required=False)
         if isinstance(body, web.Response):
             return body
-        agent = str(body.get("agent") or "chat")
+        agent = body.get("agent") or "chat"
+        if not isinstance(agent, str) or not AGENT_NAME.match(agent):
+            return _error(400, f"agent must be an agent's name (1-64 of A-Z a-z 0-9 _ -), "
+                               f"not {_shown(agent)}")
         token, grant = self.tokens.mint(agent=agent)
         return web.json_response({"token": token, "session": grant.session,
                                   "expires_in": self.settings.token_ttl_s})
@@ -107,8 +114,11 @@ class GatewayWorker(Service):
         sdp, kind = body.get("sdp"), body.get("type", "offer")
         if not isinstance(sdp, str) or not sdp.strip() or kind != "offer":
             return _error(400, 'expected {"sdp": "<offer SDP>", "type": "offer", "token": ...}')
+        token = body.get("token")
+        if token is not None and not isinstance(token, str):
+            return _error(401, f"the session token must be a string, not {_shown(token)}")
         try:
-            grant = self.tokens.redeem(body.get("token"))
+            grant = self.tokens.redeem(token)
         except TokenError as e:
             return _error(401, str(e))
         if len(self.peers) >= self.settings.gateway_max_sessions:
@@ -137,6 +147,28 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
+def _shown(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:40] + "..."
+
+
+@web.middleware
+async def _api_errors(request: web.Request, handler) -> web.StreamResponse:
+    """The API answers in JSON whatever goes wrong: aiohttp's own refusals (405, 404, 413) and,
+    should a handler ever fail, a 500 saying so rather than a page."""
+    if not request.path.startswith("/api/"):
+        return await handler(request)
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return _error(e.status, e.reason)
+    except Exception as e:
+        log.exception("%s %s failed", request.method, request.path)
+        return _error(500, f"internal error: {type(e).__name__}")
+
+
 async def _json_body(request: web.Request, *, required: bool) -> dict | web.Response:
     try:
         raw = await request.read()
@@ -144,10 +176,15 @@ async def _json_body(request: web.Request, *, required: bool) -> dict | web.Resp
         return _error(413, f"request body over {MAX_BODY} bytes")
     if not raw.strip():
         return _error(400, "expected a JSON body") if required else {}
+    if request.content_type != "application/json":
+        return _error(415, f"expected Content-Type: application/json, not "
+                           f"{request.content_type or 'none'}")
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         return _error(400, f"body is not JSON: {e}")
+    except RecursionError:
+        return _error(400, "body is not JSON this gateway reads: nested too deeply")
     if not isinstance(body, dict):
         return _error(400, "body must be a JSON object")
     return body
