@@ -151,9 +151,12 @@ async def _compose(sup: Supervisor, settings: Settings, nats: NatsServer | None,
     await sup.guard(check_endpoint(env["OPENAI_BASE_URL"], env.get("OPENAI_API_KEY", "sk-local"),
                                    env.get("VOXBUS_LLM_MODEL") or settings.llm_model,
                                    local_child))
+    async def all_ready() -> None:
+        for c in stages:
+            await c.ready.wait()
+
     try:
-        await sup.guard(asyncio.wait_for(
-            asyncio.gather(*(c.ready.wait() for c in stages)), STAGES_READY_S))
+        await sup.guard(asyncio.wait_for(all_ready(), STAGES_READY_S))
     except TimeoutError:
         late = ", ".join(c.name for c in stages if not c.ready.is_set())
         raise UpError(f"not ready after {STAGES_READY_S:.0f} s: {late} (see their output "

@@ -316,3 +316,52 @@ def test_cli_without_nats_is_one_line(command, speech_wav):
     assert lines[0].startswith(f"voxbus {command[0]}: cannot reach NATS at {url}")
     assert "is `voxbus up` running?" in lines[0]
     assert elapsed < 15, elapsed
+
+
+@pytest.mark.parametrize("status, says", [
+    (401, "refused the API key (401): set OPENAI_API_KEY"),
+    (404, "answered 404 for model 'no-such-model': set VOXBUS_LLM_MODEL"),
+    (500, "answered 500 to a chat completion for model 'no-such-model'")])
+async def test_llm_endpoint_refusing_the_check_stops_up(run_up, up_env, nats_server, status,
+                                                        says):
+    from tests.scripted_openai import ScriptedOpenAI, Step
+
+    endpoint = await ScriptedOpenAI([Step(status=status)]).start()
+    try:
+        up = run_up(env=dict(up_env, VOXBUS_NATS_URL=nats_server.url,
+                             OPENAI_BASE_URL=endpoint.base_url, VOXBUS_LLM_MODEL="no-such-model"))
+        rc = await asyncio.to_thread(up.wait, 120)
+    finally:
+        await endpoint.stop()
+    assert rc != 0
+    assert re.search(rf"^voxbus up: the LLM endpoint {re.escape(endpoint.base_url)} "
+                     + re.escape(says), up.output, re.M), up.output
+    assert len(endpoint.requests) == 1  # one check, not retried
+    assert "voxbus ready" not in up.output
+
+
+async def test_a_local_endpoint_killed_by_sigill_is_explained():
+    """A real process dying of a real SIGILL where the llama server would be: the endpoint
+    check reports the death, and the hint names the CPU problem and the reinstall command."""
+    from voxbus.llm_server import REINSTALL, sigill_hint
+    from voxbus.supervisor import Child, ChildFailed, Supervisor
+    from voxbus.up import check_endpoint
+
+    lines: list[str] = []
+    sup = Supervisor(emit=lines.append)
+    suicide = "import os, signal, time; time.sleep(0.3); os.kill(os.getpid(), signal.SIGILL)"
+    child = await sup.start(Child("llm-server", [sys.executable, "-c", suicide],
+                                  probe=lambda: False, must_start=True, hint=sigill_hint,
+                                  emit=lines.append))
+    try:
+        with pytest.raises(ChildFailed) as failed:
+            await asyncio.wait_for(sup.guard(check_endpoint(
+                "http://127.0.0.1:9/v1", "sk-local", "smollm2", child)), 30)
+    finally:
+        await sup.stop()
+    assert failed.value.returncode == -signal.SIGILL
+    assert "exited (signal SIGILL)" in str(failed.value)
+    hint = child.hint(failed.value.returncode)
+    assert "compiled for CPU instructions this machine does not run" in hint
+    assert REINSTALL in hint
+    assert child.hint(1) is None
