@@ -63,7 +63,8 @@ class StageCall:
     """
 
     def __init__(self, bus: Bus, stage: Stage, request: Frame, *,
-                 policy: CallPolicy | None = None, reply: Callable[[int], str] | None = None):
+                 policy: CallPolicy | None = None, reply: Callable[[int], str] | None = None,
+                 first_attempt: int = 0):
         self.bus = bus
         self.stage = Stage(stage)
         self.request = request
@@ -78,6 +79,9 @@ class StageCall:
         self._running: set[int] = set()
         """Attempts a replica may still be working on (no terminal frame seen)."""
         self.sent = 0
+        self._base = first_attempt
+        """Attempt numbers start here: a caller that calls again for the same request (to
+        resume a reply that broke part-way) gets reply subjects the first call never used."""
         self.winner: int | None = None
         self.done: Frame | None = None
         self.errors: list[str] = []
@@ -143,7 +147,7 @@ class StageCall:
     # --- attempts ---------------------------------------------------------------------
 
     async def _send(self) -> None:
-        attempt = self.sent
+        attempt = self._base + self.sent
         self.sent += 1
         subject = self._reply(attempt)
 

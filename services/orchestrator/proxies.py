@@ -7,6 +7,7 @@ sentence splitting work unchanged; only the work itself crosses NATS.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING
@@ -49,6 +50,8 @@ from voxbus.wire import (
 
 if TYPE_CHECKING:
     from services.orchestrator.session import SessionRunner
+
+log = logging.getLogger("voxbus.orchestrator")
 
 STT_TTFS_P99_S = 1.5
 """VAD stop to final transcript, p99, on the embedded CPU models (see bench/e2e.py)."""
@@ -125,25 +128,42 @@ class RemoteTTS(TTSService):
         await self.s.publish_event(Event.BOT, BotText(turn=turn, text=text.strip()))
         request = TtsRequest(session=self.s.session, turn=turn, index=index, text=text,
                              voice=self.s.agent.voice)
-        try:
-            async with StageCall(self.s.bus, Stage.TTS, request,
-                                 policy=self.s.worker.policy) as call:
-                async for item in call:
-                    if isinstance(item, TtsAudio):
-                        if item.seq == 0 and call.first_frame_at is not None:
+        played = 0
+        """Bytes of this sentence already on their way to the user."""
+        for first_attempt in (0, self.s.worker.policy.attempts):
+            skip = played
+            try:
+                async with StageCall(self.s.bus, Stage.TTS, request, policy=self.s.worker.policy,
+                                     first_attempt=first_attempt) as call:
+                    async for item in call:
+                        if not isinstance(item, TtsAudio):
+                            continue
+                        if played == 0 and call.first_frame_at is not None:
                             await self.s.metric("tts_ttfa",
                                                 (call.first_frame_at - call.started) * 1000, turn)
-                        yield TTSAudioRawFrame(item.pcm, item.sample_rate, 1,
-                                               context_id=context_id)
-                if isinstance(call.done, TtsDone) and call.done.error:
-                    await self.s.stage_failed(Stage.TTS, StageFailed(
-                        f"tts: {call.done.error} (sentence {index} of turn {turn})"), turn)
-        except (StageUnavailable, StageFailed) as e:
-            await self.s.stage_failed(Stage.TTS, e, turn)
-            fallback = self.s.fallback_audio(turn)
-            if fallback is not None:
-                pcm, rate = fallback
-                yield TTSAudioRawFrame(pcm, rate, 1, context_id=context_id)
+                        pcm = item.pcm[skip:] if skip else item.pcm
+                        skip = max(0, skip - len(item.pcm))
+                        if pcm:
+                            played += len(pcm)
+                            yield TTSAudioRawFrame(pcm, item.sample_rate, 1,
+                                                   context_id=context_id)
+                    if isinstance(call.done, TtsDone) and call.done.error:
+                        raise StageFailed(f"tts: {call.done.error}")
+                return
+            except (StageUnavailable, StageFailed) as e:
+                if played and first_attempt == 0:
+                    # The replica died part-way: another says the sentence again and we play
+                    # it from where the user stopped hearing the first one.
+                    log.warning("%s turn %d: TTS failed after %.2f s of sentence %d (%s); "
+                                "resuming on another replica", self.s.session, turn,
+                                played / 2 / 16000, index, e)
+                    continue
+                await self.s.stage_failed(Stage.TTS, e, turn)
+                fallback = None if played else self.s.fallback_audio(turn)
+                if fallback is not None:
+                    pcm, rate = fallback
+                    yield TTSAudioRawFrame(pcm, rate, 1, context_id=context_id)
+                return
 
 
 class BusAudioOutput(BaseOutputTransport):

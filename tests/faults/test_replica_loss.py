@@ -1,0 +1,277 @@
+"""A stage replica dies (SIGKILL), hangs (SIGSTOP) or drains (SIGTERM) mid-session while another
+replica of its stage runs: the session goes on, and the turn in flight still gets its answer.
+
+The replica that fails is a real ``voxbus <stage>`` process; the rest of the system runs in the
+test's process. Speech, VAD, Whisper, Smart Turn and Piper are real; the LLM is scripted where a
+fixed latency makes "killed while the request is in flight" something a test can arrange.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from dataclasses import replace
+
+import pytest
+
+from services.llm.worker import LlmWorker
+from services.orchestrator.worker import OrchestratorWorker
+from services.stt.worker import SttWorker
+from services.tts.worker import TtsWorker
+from tests.conftest import bounded
+from tests.e2e.caller import Caller
+from tests.faults.replicas import FAST_HEARTBEAT_S, FAST_LEASE_S, Replicas
+from tests.scripted_openai import ScriptedOpenAI, Step
+from voxbus.audio import read_wav
+from voxbus.bus import Bus
+from voxbus.stage_call import CallPolicy, StageCall
+from voxbus.subjects import Stage, Subjects
+from voxbus.wire import (
+    AudioOut,
+    BotText,
+    ErrorEvent,
+    Heartbeat,
+    LlmRequest,
+    Transcript,
+    TtsAudio,
+    TtsRequest,
+    TurnEvent,
+)
+
+pytestmark = pytest.mark.slow
+
+ANSWER = "Paris is the capital of France."
+
+
+@pytest.fixture
+def fast(settings):
+    """Heartbeats and leases short enough that a dead replica is noticed within a second."""
+    return replace(settings, heartbeat_s=FAST_HEARTBEAT_S, lease_s=FAST_LEASE_S,
+                   llm_model="scripted")
+
+
+@pytest.fixture
+async def replicas(fast):
+    running = Replicas(fast)
+    yield running
+    running.close()
+
+
+@pytest.fixture
+async def endpoint():
+    """Answers every completion after 1 s: long enough to kill the replica waiting for it."""
+    server = await ScriptedOpenAI(lambda _body: Step(text=ANSWER, delay_s=1.0)).start()
+    yield server
+    await server.stop()
+
+
+async def in_process(*services):
+    for svc in services:
+        await svc.start()
+    return services
+
+
+async def stop_all(services) -> None:
+    for svc in reversed(services):
+        await svc.stop()
+
+
+class Watch:
+    """Heartbeats of a stage and the session's work copies, as the test sees them."""
+
+    def __init__(self, bus: Bus):
+        self.bus = bus
+        self.beats: dict[str, Heartbeat] = {}
+        self.work: list = []
+        self.got_work = asyncio.Event()
+
+    async def start(self, stage: Stage, session: str | None = None) -> Watch:
+        async def beat(frame, _msg):
+            if isinstance(frame, Heartbeat):
+                self.beats[frame.worker] = frame
+
+        async def work(frame, _msg):
+            self.work.append(frame)
+            self.got_work.set()
+
+        await self.bus.subscribe(self.bus.subjects.heartbeat(stage), beat)
+        if session:
+            await self.bus.subscribe(self.bus.subjects.work_copy(session, stage), work)
+        return self
+
+    async def busy_replica(self, ids: list[str], timeout_s: float = 3.0) -> str:
+        """The replica whose heartbeat says it is working (inflight) or serving a session."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for worker in ids:
+                beat = self.beats.get(worker)
+                if beat and (beat.inflight or beat.sessions):
+                    return worker
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"none of {ids} reported work; beats: {self.beats}")
+
+
+def errors(caller: Caller) -> list[ErrorEvent]:
+    return [h.frame for h in caller.heard if isinstance(h.frame, ErrorEvent)]
+
+
+def transcripts(caller: Caller) -> str:
+    return " ".join(h.frame.text for h in caller.heard
+                    if isinstance(h.frame, Transcript) and h.frame.final).lower()
+
+
+async def answered(caller: Caller, since: float, timeout_s: float = 40.0) -> None:
+    await caller.wait_for(lambda f: isinstance(f, BotText) and f.text, timeout_s,
+                          "the agent's words")
+    await caller.wait_for(lambda f: isinstance(f, AudioOut), timeout_s, "the agent's voice")
+    assert caller.frames_of(AudioOut, since), "no audio after the user spoke"
+
+
+async def test_llm_replica_killed_with_the_turn_in_flight(fast, replicas, endpoint, speech_wav):
+    env = {"OPENAI_BASE_URL": endpoint.base_url, "VOXBUS_LLM_MODEL": "scripted"}
+    llms = [await replicas.start("llm", w, **env) for w in ("a", "b")]
+    services = await in_process(SttWorker(fast), TtsWorker(fast), OrchestratorWorker(fast))
+    try:
+        async with Caller(fast, "chat") as caller:
+            watch = await Watch(caller.bus).start(Stage.LLM, caller.session)
+            start = time.monotonic()
+            caller.say(read_wav(speech_wav))
+
+            async def kill_the_one_working() -> str:
+                await watch.got_work.wait()
+                victim = await watch.busy_replica([r.id for r in llms])
+                next(r for r in llms if r.id == victim).signal(signal.SIGKILL)
+                return victim
+
+            victim = await bounded(kill_the_one_working(), 40, "the LLM request")
+            await bounded(answered(caller, start), 40, "the answer")
+            said = " ".join(h.frame.text for h in caller.frames_of(BotText))
+            assert ANSWER in said, said
+            attempts = [w.attempt for w in watch.work if isinstance(w, LlmRequest)]
+            assert attempts[:2] == [0, 1], f"the request was not retried: {attempts}"
+            assert not [e for e in errors(caller) if e.code.startswith("llm")], errors(caller)
+            assert victim
+    finally:
+        await stop_all(services)
+
+
+async def test_stt_replica_killed_mid_utterance_loses_no_words(fast, replicas, endpoint, speak):
+    wav = speak("What is the capital of France, and how many people live in Paris?")
+    stts = [await replicas.start("stt", w) for w in ("a", "b")]
+    services = await in_process(TtsWorker(fast), LlmWorker(fast, base_url=endpoint.base_url),
+                                OrchestratorWorker(fast))
+    try:
+        async with Caller(fast, "chat") as caller:
+            watch = await Watch(caller.bus).start(Stage.STT)
+            start = time.monotonic()
+            serving = await watch.busy_replica([r.id for r in stts])
+            caller.say(read_wav(wav))
+            await caller.wait_for(lambda f: getattr(f, "state", None) == "started", 20,
+                                  "the VAD hearing speech")
+            await asyncio.sleep(0.8)  # well into the sentence
+            next(r for r in stts if r.id == serving).signal(signal.SIGKILL)
+            await bounded(answered(caller, start), 40, "the answer")
+            heard = transcripts(caller)
+            for word in ("capital", "france", "people", "paris"):
+                assert word in heard, f"{word!r} lost: {heard!r}"
+            assert not errors(caller), errors(caller)
+    finally:
+        await stop_all(services)
+
+
+async def test_stt_replica_drained_between_turns(fast, replicas, endpoint, speak):
+    stts = [await replicas.start("stt", w) for w in ("a", "b")]
+    services = await in_process(TtsWorker(fast), LlmWorker(fast, base_url=endpoint.base_url),
+                                OrchestratorWorker(fast))
+    try:
+        async with Caller(fast, "chat") as caller:
+            watch = await Watch(caller.bus).start(Stage.STT)
+            serving = await watch.busy_replica([r.id for r in stts])
+            start = time.monotonic()
+            caller.say(read_wav(speak("Hello there.")))
+            await bounded(answered(caller, start), 40, "the first answer")
+            drained = next(r for r in stts if r.id == serving)
+            drained.signal(signal.SIGTERM)
+            assert await replicas.wait_exit(drained) == 0, drained.output()
+            await asyncio.sleep(FAST_LEASE_S + 0.5)
+            second = time.monotonic()
+            caller.say(read_wav(speak("Tell me about the Eiffel Tower.")))
+            await caller.wait_for(lambda f: isinstance(f, Transcript) and "eiffel" in
+                                  f.text.lower(), 30, "the second turn's words")
+            await bounded(answered(caller, second), 40, "the second answer")
+            assert not errors(caller), errors(caller)
+    finally:
+        await stop_all(services)
+
+
+async def test_dead_llm_endpoint_gets_an_error_event_and_the_fallback_line(fast, speech_wav):
+    from voxbus.natsd import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    services = await in_process(SttWorker(fast), TtsWorker(fast), LlmWorker(fast, base_url=dead),
+                                OrchestratorWorker(fast))
+    try:
+        async with Caller(fast, "chat") as caller:
+            start = time.monotonic()
+            caller.say(read_wav(speech_wav))
+            spoken = await caller.wait_for(lambda f: isinstance(f, BotText) and f.text, 40,
+                                           "the fallback line")
+            assert "having trouble" in spoken.frame.text
+            await caller.wait_for(lambda f: isinstance(f, AudioOut), 20, "the fallback's audio")
+            ended = await caller.wait_for(lambda f: isinstance(f, TurnEvent) and
+                                          f.state == "user_ended", 5, "the turn decision")
+            heard = caller.frames_of(AudioOut, start)[0].at
+            assert heard - ended.at < 3.0, "the user waited in silence"
+            codes = {e.code for e in errors(caller)}
+            assert "llm_failed" in codes, codes
+    finally:
+        await stop_all(services)
+
+
+async def test_tts_gone_plays_the_fallback_synthesized_ahead(fast, replicas, endpoint,
+                                                             speech_wav):
+    tts = await replicas.start("tts", "only")
+    services = await in_process(SttWorker(fast), LlmWorker(fast, base_url=endpoint.base_url),
+                                OrchestratorWorker(fast))
+    orchestrator = services[-1]
+    try:
+        async with Caller(fast, "chat") as caller:
+            # The session's fallback line is synthesized as it starts, while TTS still runs.
+            for _ in range(100):
+                if orchestrator.fallback_audio:
+                    break
+                await asyncio.sleep(0.1)
+            assert orchestrator.fallback_audio, "fallback line never synthesized"
+            tts.signal(signal.SIGKILL)
+            await replicas.wait_exit(tts)
+            start = time.monotonic()
+            caller.say(read_wav(speech_wav))
+            await caller.wait_for(lambda f: isinstance(f, ErrorEvent) and
+                                  f.code.startswith("tts"), 40, "the TTS error")
+            await caller.wait_for(lambda f: isinstance(f, AudioOut), 10, "the fallback audio")
+            assert caller.frames_of(AudioOut, start)
+    finally:
+        await stop_all(services)
+
+
+async def test_hung_tts_replica_is_hedged_by_another(fast, replicas):
+    """One of two TTS replicas is frozen (SIGSTOP: still subscribed, never answering). Each
+    sentence that lands on it is asked of the other after the first-frame deadline."""
+    ttss = [await replicas.start("tts", w) for w in ("a", "b")]
+    ttss[0].signal(signal.SIGSTOP)
+    bus = await Bus.connect(fast.nats_url, Subjects(fast.prefix), "test")
+    policy = CallPolicy(first_frame_s=0.5)
+    retried = 0
+    try:
+        for i in range(20):
+            request = TtsRequest(session="hedge", turn=i + 1, index=0, text="One moment.")
+            async with StageCall(bus, Stage.TTS, request, policy=policy) as call:
+                audio = [f async for f in call if isinstance(f, TtsAudio)]
+            assert audio and not call.done.error, f"sentence {i} unanswered: {call.errors}"
+            retried += call.retried
+            if retried >= 2:
+                break
+        assert retried >= 2, "the frozen replica never got a sentence (20 tries)"
+    finally:
+        await bus.close()
