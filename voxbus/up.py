@@ -126,6 +126,9 @@ async def _compose(sup: Supervisor, settings: Settings, nats: NatsServer | None,
     if nats is not None:
         await start_nats(sup, nats)
         env["VOXBUS_NATS_URL"] = nats.url
+    else:
+        await sup.guard(check_nats(env["VOXBUS_NATS_URL"], " (VOXBUS_NATS_URL; unset it and "
+                                                           "voxbus up starts its own)"))
     if settings.record:
         await sup.guard(record_sessions(env["VOXBUS_NATS_URL"], settings))
 
@@ -184,16 +187,23 @@ async def start_nats(sup: Supervisor, nats: NatsServer) -> None:
     except TimeoutError:
         raise UpError(f"nats-server did not answer on port {nats.port} within "
                       f"{NATS_START_S:.0f} s") from None
-    # The INFO the client got when it connected names the server: ours, not a stranger's.
-    bus = await sup.guard(Bus.connect(nats.url, Subjects("up"), "up", attempts=3))
-    try:
-        name = bus.nc._server_info.get("server_name")  # nats-py keeps INFO only here
-    finally:
-        await bus.close()
-    if name != nats.name:
+    if await sup.guard(check_nats(nats.url)) != nats.name:
         raise PortTaken(nats.port)
     print(f"nats-server {nats.name} with JetStream on {nats.url} (store {nats.store_dir})",
           flush=True)
+
+
+async def check_nats(url: str, hint: str = "") -> str | None:
+    """Connect once; the server's name from the INFO it sent (ours, or a stranger's?).
+    UpError when nothing answers."""
+    try:
+        bus = await Bus.connect(url, Subjects("up"), "up", attempts=3)
+    except ConnectionError as e:
+        raise UpError(f"{e}{hint}") from None
+    try:
+        return bus.nc._server_info.get("server_name")  # nats-py keeps the INFO only here
+    finally:
+        await bus.close()
 
 
 async def check_endpoint(base_url: str, api_key: str, model: str, local: Child | None) -> None:

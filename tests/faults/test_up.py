@@ -90,19 +90,19 @@ class Up:
     def close(self) -> None:
         """SIGINT as Ctrl-C would, SIGKILL to the group if that is not enough; children die
         with it (they are in their own groups, but get SIGKILL when their parent dies)."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)
-            try:
-                self.proc.wait(40)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        for line in self.lines:  # a child left behind by a broken voxbus up: not ours to keep
-            if m := re.search(r" started \(pid (\d+)\)$", line):
-                try:
-                    os.killpg(int(m.group(1)), signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
+        if self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGINT)
+        try:
+            self.proc.wait(40)
+            return
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        for line in self.lines:  # children of a hung voxbus up, if the kernel left any
+            m = re.search(r" started \(pid (\d+)\)$", line)
+            if m and alive(pid := int(m.group(1))) and ours(pid):
+                os.killpg(pid, signal.SIGKILL)
 
 
 @pytest.fixture
@@ -132,6 +132,16 @@ def run_up():
     yield start
     for up in running:
         up.close()
+
+
+def ours(pid: int) -> bool:
+    """Still a voxbus child (not a recycled pid of someone else's)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read()
+    except FileNotFoundError:
+        return False
+    return any(word in cmd for word in (b"voxbus", b"nats-server", b"llama_cpp"))
 
 
 def alive(pid: int) -> bool:
@@ -252,6 +262,14 @@ def test_nats_port_taken_is_one_line_and_fast(run_up, up_env, nats_server, taker
     assert up.lines == [f"voxbus up: port {port} is in use by another program: stop it or use "
                         "--nats-port N"], up.output
     assert time.monotonic() - started < 30
+
+
+def test_unreachable_nats_url_is_one_line(run_up, up_env):
+    url = f"nats://127.0.0.1:{free_port()}"
+    up = run_up(env=dict(up_env, VOXBUS_NATS_URL=url))
+    assert up.wait(30) != 0
+    assert len(up.lines) == 1 and up.lines[0].startswith(
+        f"voxbus up: cannot reach NATS at {url}: connection refused"), up.output
 
 
 def test_unreachable_llm_endpoint_stops_up(run_up, up_env, nats_server):
