@@ -153,8 +153,13 @@ class SessionStream:
             await self.pipeline.queue(VADUserStoppedSpeakingFrame())
 
     async def _on_ctl(self, frame: Frame, _msg: Msg) -> None:
+        # Not inline: releasing unsubscribes the very subscription running this handler.
         if isinstance(frame, SessionEnd):
-            # Not inline: releasing unsubscribes the very subscription running this handler.
+            self.worker.spawn(self.worker.release(self.session))
+        elif isinstance(frame, SttClaimed) and frame.worker != self.worker.worker_id:
+            # The session moved to another replica (we were presumed dead, or a claim was
+            # retried): two replicas must never transcribe one session.
+            log.warning("%s: now transcribed by %s; letting go", self.session, frame.worker)
             self.worker.spawn(self.worker.release(self.session))
 
     async def _on_transcript(self, frame: TranscriptionFrame | InterimTranscriptionFrame) -> None:
@@ -200,9 +205,10 @@ class SttWorker(Service):
             self.streams[frame.session] = stream
             await stream.start(frame)
             log.info("%s claimed session %s", self.worker_id, frame.session)
+        claimed = SttClaimed(session=frame.session, worker=self.worker_id)
+        await self.bus.publish(self.subjects.ctl(frame.session), claimed)
         if msg.reply:
-            await self.bus.publish(msg.reply, SttClaimed(session=frame.session,
-                                                         worker=self.worker_id))
+            await self.bus.publish(msg.reply, claimed)
 
     async def release(self, session: str) -> None:
         stream = self.streams.pop(session, None)
