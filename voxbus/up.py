@@ -69,13 +69,13 @@ async def up(nats_port: int, http_port: int, scale: dict[str, int] | None = None
     main = asyncio.current_task()
     sup = Supervisor()
     signalled: list[int] = []
-    ready = False
+    ready = stopping = False
 
     def on_signal(sig: int) -> None:
-        if not signalled:
-            main.cancel()
-        else:  # a second Ctrl-C while stopping: no more grace
+        if signalled or stopping:  # a second Ctrl-C, or one while stopping: no more grace
             sup.kill_all()
+        else:
+            main.cancel()
         signalled.append(sig)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -106,6 +106,7 @@ async def up(nats_port: int, http_port: int, scale: dict[str, int] | None = None
         print(f"voxbus up: {e}", file=sys.stderr, flush=True)
         return 1
     finally:
+        stopping = True  # from here a signal hurries the stop instead of cancelling it
         started = bool(sup.children)
         if started:
             print("stopping...", flush=True)
