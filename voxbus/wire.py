@@ -7,10 +7,10 @@ frame's fields. ``docs/wire.md`` documents it for clients in other languages.
 from __future__ import annotations
 
 from enum import IntEnum, StrEnum
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 SCHEMA_VERSION = 1
 MAX_FRAME_BYTES = 1024 * 1024
@@ -26,6 +26,23 @@ class WireError(ValueError):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+
+SessionId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+"""A session id: it becomes a subject token, so only these characters."""
+
+PipelineRate = Literal[8000, 16000]
+"""The input rates a session's pipeline runs at (Silero VAD takes these two)."""
+
+
+def _whole_samples(pcm: bytes) -> bytes:
+    if len(pcm) % 2:
+        raise ValueError(f"PCM16 must hold whole samples: {len(pcm)} bytes is odd")
+    return pcm
+
+
+Pcm16 = Annotated[bytes, AfterValidator(_whole_samples)]
+"""Mono PCM16 little-endian: an even number of bytes."""
 
 
 class Frame(BaseModel):
@@ -74,7 +91,7 @@ class AudioIn(Frame):
     ts_us: int
     """Capture time, microseconds since the Unix epoch."""
     sample_rate: int = Field(gt=0)
-    pcm: bytes
+    pcm: Pcm16
     """Mono PCM16 little-endian."""
 
 
@@ -158,8 +175,8 @@ class SessionStart(Frame):
     """A client asks the orchestrator queue group to run a new session."""
 
     TAG = Tag.SESSION_START
-    session: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    sample_rate: int = 16000
+    session: SessionId
+    sample_rate: PipelineRate = 16000
     agent: str = "chat"
 
 
@@ -185,9 +202,9 @@ class SttClaim(Frame):
     """
 
     TAG = Tag.STT_CLAIM
-    session: str
-    sample_rate: int = 16000
-    backlog: bytes = b""
+    session: SessionId
+    sample_rate: PipelineRate = 16000
+    backlog: Pcm16 = b""
     """PCM16 of the session since the end of the last transcribed segment (hand-over only)."""
     backlog_seq: int = Field(default=-1, ge=-1)
     """``AudioIn.seq`` of the last frame in ``backlog``; live frames up to it are skipped."""
@@ -208,7 +225,7 @@ class LlmRequest(Frame):
     """One completion: OpenAI-format messages and tools; deltas stream to ``reply``."""
 
     TAG = Tag.LLM_REQUEST
-    session: str
+    session: SessionId
     turn: int
     messages: list[dict[str, Any]]
     tools: list[dict[str, Any]] = Field(default_factory=list)
@@ -240,13 +257,13 @@ class TtsRequest(Frame):
     """Synthesize one sentence; audio chunks stream to ``reply``."""
 
     TAG = Tag.TTS_REQUEST
-    session: str
+    session: SessionId
     turn: int
     index: int = Field(ge=0)
     """Sentence index within the turn: the orchestrator plays sentences in this order."""
     text: str = Field(min_length=1, max_length=4000)
     sample_rate: int = 16000
-    voice: str | None = None
+    voice: str | None = Field(default=None, max_length=255)
     attempt: int = Field(default=0, ge=0)
     """0 for the first try; 1 for the retry a caller sent another replica (see stage_call)."""
 

@@ -78,7 +78,7 @@ class TtsWorker(Service):
             async with self._lock:
                 try:
                     service = await self._voice(req.voice)
-                except FileNotFoundError as e:
+                except (OSError, ValueError) as e:  # missing, unreadable, a name too long
                     error = f"unknown voice {req.voice!r}: {e}"
                     await self.bus.report("unknown_voice", error, subject=self.subjects.ctl(
                         req.session))

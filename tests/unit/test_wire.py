@@ -22,7 +22,8 @@ from voxbus.wire import (
 
 audio_in = st.builds(
     AudioIn, seq=st.integers(0, 2**40), ts_us=st.integers(0, 2**62),
-    sample_rate=st.sampled_from([8000, 16000, 48000]), pcm=st.binary(max_size=1920),
+    sample_rate=st.sampled_from([8000, 16000, 48000]),
+    pcm=st.binary(max_size=1920).map(lambda b: b[: len(b) // 2 * 2]),
 )
 transcript = st.builds(
     Transcript, text=st.text(max_size=200), final=st.booleans(), seq=st.integers(0, 2**31),
@@ -100,3 +101,10 @@ def test_oversized_refused_both_ways():
 def test_tts_request_text_bounds():
     with pytest.raises(ValueError):
         TtsRequest(session="s", turn=0, index=0, text="")
+
+
+def test_odd_length_audio_is_refused():
+    bad = msgpack.packb([SCHEMA_VERSION, int(AudioIn.TAG), {
+        "seq": 0, "ts_us": 0, "sample_rate": 16000, "pcm": b"\x00" * 641}], use_bin_type=True)
+    with pytest.raises(WireError, match="AudioIn.pcm.*odd"):
+        decode(bad)
