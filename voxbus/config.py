@@ -175,6 +175,13 @@ class Settings:
     """Prometheus metrics and /healthz; 0 picks a free port (logged at start)."""
     heartbeat_s: float = field(default_factory=lambda: _seconds("VOXBUS_HEARTBEAT_S", 1.0))
     lease_s: float = field(default_factory=lambda: _seconds("VOXBUS_LEASE_S", 3.0))
+    stage_first_frame_s: float = field(
+        default_factory=lambda: _seconds("VOXBUS_STAGE_FIRST_FRAME_S", 1.5))
+    """An LLM or TTS call with no first frame by then is also sent to another replica."""
+    stage_give_up_s: float = field(default_factory=lambda: _seconds("VOXBUS_STAGE_GIVE_UP_S", 8.0))
+    """A call no replica has started answering by then failed: the agent says its fallback."""
+    stage_stall_s: float = field(default_factory=lambda: _seconds("VOXBUS_STAGE_STALL_S", 3.0))
+    """A reply that started, then sent nothing for this long, has stalled."""
 
     # STT
     stt_model: str = field(default_factory=lambda: _env("VOXBUS_STT_MODEL", ""))

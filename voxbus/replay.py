@@ -21,7 +21,9 @@ import numpy as np
 
 from voxbus.audio import SPEECH_RMS, rms
 from voxbus.bus import Bus, now_us
+from voxbus.errors import VoxbusError
 from voxbus.recording import SUFFIX, Recording, RecordingError, SessionCapture, read
+from voxbus.stage_call import CallPolicy, StageCall, ask
 from voxbus.subjects import Event, Stage, Subjects
 from voxbus.turns import (
     FRAME_S,
@@ -35,12 +37,10 @@ from voxbus.turns import (
 from voxbus.wire import (
     AudioIn,
     AudioOut,
-    LlmDone,
     SessionEnd,
     SessionStart,
     SttClaim,
     Transcript,
-    TtsDone,
     TurnEvent,
     VadEvent,
 )
@@ -283,8 +283,8 @@ class Replayer:
             return time.monotonic() - started
 
         try:
-            await bus.request(subjects.work(Stage.ORCHESTRATOR), SessionStart(
-                session=session, sample_rate=audio[0].sample_rate, agent=agent), timeout=15.0)
+            await ask(bus, Stage.ORCHESTRATOR, SessionStart(
+                session=session, sample_rate=audio[0].sample_rate, agent=agent), timeout_s=15.0)
             was_busy = _original_busy(view)
             holds = {max(0, i - ONSET_LEAD_FRAMES) for i in utterance_starts(audio)
                      if not was_busy(view.audio_in[i][0])}
@@ -324,8 +324,8 @@ class Replayer:
         timed.sort(key=lambda x: (x[0], x[1]))
         expected = len([1 for _, tr in view.final_transcripts() if tr.text.strip()])
         try:
-            await bus.request(subjects.work(Stage.STT), SttClaim(
-                session=session, sample_rate=view.audio_in[0][1].sample_rate), timeout=10.0)
+            await ask(bus, Stage.STT, SttClaim(
+                session=session, sample_rate=view.audio_in[0][1].sample_rate), timeout_s=10.0)
             t0, base = time.monotonic(), timed[0][0]
             for t, _, f in timed:
                 delay = t0 + (t - base) / self.speed - time.monotonic()
@@ -364,21 +364,27 @@ class Replayer:
         bus, subjects = self.bus, self.subjects
         session = uuid.uuid4().hex[:12]
         capture = await SessionCapture(bus, session).start()
-        done_type = LlmDone if stage is Stage.LLM else TtsDone
         replies: list[str] = []
+        works = [w for w in works if not w.request.attempt]  # a retry is the same request
+        policy = CallPolicy(give_up_s=self.timeout_s, stall_s=self.timeout_s)
         try:
             for i, w in enumerate(works):
-                req = w.request.model_copy(update={"session": session})
+                req = w.request.model_copy(update={"session": session, "attempt": 0})
                 index = getattr(req, "index", None)
                 if index is None:
-                    tail = w.reply_subject.rsplit(".", 1)[-1]
-                    index = int(tail) if tail.isdigit() else i
-                reply = subjects.reply(session, stage, req.turn, index)
-                replies.append(reply)
-                await bus.publish(subjects.work(stage), req, reply=reply)
-                await _until(capture, lambda r=reply: any(
-                    m.subject == r and isinstance(m.frame(), done_type)
-                    for m in capture.messages), self.timeout_s)
+                    # <stage>.<turn>.<index>[.r<attempt>] after the session's "reply."
+                    parts = w.reply_subject.split(".reply.", 1)[-1].split(".")
+                    index = int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else i
+                call = StageCall(bus, stage, req, policy=policy,
+                                 reply=lambda a, t=req.turn, n=index: subjects.reply(
+                                     session, stage, t, n, a))
+                try:
+                    async with call:
+                        async for _ in call:
+                            pass
+                except VoxbusError:
+                    pass  # the comparison shows the error the recording holds
+                replies.append(call.reply_subject)
             await bus.publish(subjects.ctl(session), SessionEnd(session=session,
                                                                reason="replay done"))
         finally:

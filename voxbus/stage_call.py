@@ -96,6 +96,11 @@ class StageCall:
     def retried(self) -> bool:
         return self.sent > 1
 
+    @property
+    def reply_subject(self) -> str:
+        """Where the answer that was used came (the first attempt's, if none answered)."""
+        return self._reply(self.winner if self.winner is not None else self._base)
+
     async def __aenter__(self) -> StageCall:
         await self._send()
         return self

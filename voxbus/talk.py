@@ -15,6 +15,7 @@ from nats.aio.msg import Msg
 
 from voxbus.audio import SPEECH_RMS, WIRE_RATE, duration_s, frames, read_wav, write_wav
 from voxbus.bus import Bus, now_us
+from voxbus.stage_call import ask
 from voxbus.subjects import Stage, Subjects
 from voxbus.wire import (
     AudioFlush,
@@ -143,9 +144,9 @@ async def talk(
         for subject in (subjects.audio_out(session), subjects.events(session),
                         subjects.ctl(session)):
             await bus.subscribe(subject, collector.on_frame)
-        await bus.request(subjects.work(Stage.ORCHESTRATOR),
-                          SessionStart(session=session, sample_rate=WIRE_RATE, agent=agent),
-                          timeout=15.0)
+        await ask(bus, Stage.ORCHESTRATOR,
+                  SessionStart(session=session, sample_rate=WIRE_RATE, agent=agent),
+                  timeout_s=15.0)
         seq = 0
 
         async def send(pcm: bytes) -> None:

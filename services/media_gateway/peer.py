@@ -24,6 +24,7 @@ from services.media_gateway.audio_tracks import AgentAudioTrack, InboundResample
 from voxbus.audio import WIRE_RATE
 from voxbus.bus import now_us
 from voxbus.errors import VoxbusError
+from voxbus.stage_call import ask
 from voxbus.subjects import Stage
 from voxbus.wire import (
     AudioFlush,
@@ -128,9 +129,8 @@ class PeerSession:
         for sub_subject, handler in ((self.subjects.audio_out(self.session), self._on_agent_audio),
                                      (self.subjects.events(self.session), self._on_event)):
             self._subs.append(await self.bus.subscribe(sub_subject, handler))
-        await self.bus.request(self.subjects.work(Stage.ORCHESTRATOR),
-                               SessionStart(session=self.session, sample_rate=WIRE_RATE,
-                                            agent=self.agent), timeout=15.0)
+        await ask(self.bus, Stage.ORCHESTRATOR, SessionStart(
+            session=self.session, sample_rate=WIRE_RATE, agent=self.agent), timeout_s=15.0)
         await pc.setLocalDescription(await pc.createAnswer())
         self._spawn(self._watch_idle())
         self._set_state("listening")

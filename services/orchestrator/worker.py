@@ -39,7 +39,9 @@ class OrchestratorWorker(Service):
         self.store: SessionStore | None = None
         self.liveness: Liveness | None = None
         self._adopting: set[str] = set()
-        self.policy = CallPolicy()
+        st = self.settings
+        self.policy = CallPolicy(first_frame_s=st.stage_first_frame_s,
+                                 give_up_s=st.stage_give_up_s, stall_s=st.stage_stall_s)
         """Deadlines and retries of this replica's LLM and TTS calls."""
         self.fallback_audio: dict[tuple[str | None, str], tuple[bytes, int]] = {}
         """Each agent's fallback line, synthesized once per (voice, text)."""

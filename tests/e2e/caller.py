@@ -13,6 +13,7 @@ import numpy as np
 
 from voxbus.audio import WIRE_RATE, frames
 from voxbus.bus import Bus, now_us
+from voxbus.stage_call import ask
 from voxbus.subjects import Stage, Subjects
 from voxbus.wire import AudioFlush, AudioIn, AudioOut, Frame, SessionStart
 
@@ -45,8 +46,8 @@ class Caller:
         for subject in (subjects.audio_out(self.session), subjects.events(self.session),
                         subjects.ctl(self.session)):
             await self.bus.subscribe(subject, self._on_frame)
-        await self.bus.request(subjects.work(Stage.ORCHESTRATOR), SessionStart(
-            session=self.session, sample_rate=WIRE_RATE, agent=self.agent), timeout=15)
+        await ask(self.bus, Stage.ORCHESTRATOR, SessionStart(
+            session=self.session, sample_rate=WIRE_RATE, agent=self.agent), timeout_s=15)
         self._mic = asyncio.create_task(self._microphone())
         return self
 

@@ -10,6 +10,7 @@ import pytest
 
 from voxbus.audio import WIRE_RATE, frames, read_wav
 from voxbus.bus import Bus, now_us
+from voxbus.stage_call import ask
 from voxbus.subjects import Stage, Subjects
 from voxbus.wire import AudioFlush, AudioIn, AudioOut, Cancel, SessionEnd, SessionStart, TurnEvent
 
@@ -47,8 +48,8 @@ async def test_user_speech_while_agent_speaks_interrupts_it(system, speak):
         for subject in (subjects.audio_out(session), subjects.events(session),
                         subjects.ctl(session)):
             await bus.subscribe(subject, collect)
-        await bus.request(subjects.work(Stage.ORCHESTRATOR),
-                          SessionStart(session=session, sample_rate=WIRE_RATE), timeout=15)
+        await ask(bus, Stage.ORCHESTRATOR, SessionStart(session=session, sample_rate=WIRE_RATE),
+                  timeout_s=15)
         await say(question)
         # Silence until the agent is speaking, then a second of it before the user cuts in.
         await say(bytes(640 * 1500), until=lambda: len(agent_audio(1)) > 50)

@@ -10,6 +10,8 @@ from services.stt.worker import SttWorker
 from services.tts.worker import TtsWorker
 from voxbus.audio import duration_s, frames
 from voxbus.bus import now_us
+from voxbus.errors import StageFailed
+from voxbus.stage_call import CallPolicy, StageCall
 from voxbus.subjects import Event, Stage
 from voxbus.wire import (
     AudioIn,
@@ -31,26 +33,20 @@ SENTENCE = "Please book a table for four people tomorrow evening."
 
 async def synthesize(bus, text: str, *, session="s1", turn=1,
                      voice: str | None = None) -> tuple[bytes, TtsDone]:
-    subjects = bus.subjects
-    reply = subjects.reply(session, Stage.TTS, turn)
-    got: asyncio.Queue = asyncio.Queue()
-
-    async def on(frame, _msg):
-        await got.put(frame)
-
-    sub = await bus.subscribe(reply, on)
-    await bus.publish(subjects.work(Stage.TTS),
-                      TtsRequest(session=session, turn=turn, index=0, text=text, voice=voice),
-                      reply=reply)
+    """One sentence through the stage caller (one attempt: the test is about one worker)."""
     pcm = bytearray()
-    while True:
-        frame = await asyncio.wait_for(got.get(), 30)
-        if isinstance(frame, TtsAudio):
-            assert frame.sample_rate == 16000
-            pcm += frame.pcm
-        elif isinstance(frame, TtsDone):
-            await sub.unsubscribe()
-            return bytes(pcm), frame
+    request = TtsRequest(session=session, turn=turn, index=0, text=text, voice=voice)
+    async with StageCall(bus, Stage.TTS, request, policy=CallPolicy(
+            attempts=1, first_frame_s=30, give_up_s=30, stall_s=30)) as call:
+        try:
+            async for frame in call:
+                if isinstance(frame, TtsAudio):
+                    assert frame.sample_rate == 16000
+                    pcm += frame.pcm
+        except StageFailed:
+            pass  # an error before any audio: the TtsDone that said so is in call.errors
+    done = call.done or TtsDone(turn=turn, index=0, count=0, error="; ".join(call.errors))
+    return bytes(pcm), done
 
 
 async def stream_utterance(bus, session: str, pcm: bytes, *, realtime: bool = False) -> int:
