@@ -14,7 +14,12 @@ NATS_HINT = "is `voxbus up` running? (or pass --nats URL / set VOXBUS_NATS_URL)"
 def _run_service(name: str) -> int:
     from voxbus.runner import configure_logging, run_forever
 
-    configure_logging(os.environ.get("VOXBUS_LOG_LEVEL", "INFO"))
+    level = os.environ.get("VOXBUS_LOG_LEVEL", "INFO").strip().upper() or "INFO"
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        print(f"voxbus: VOXBUS_LOG_LEVEL={level!r} is not a log level: use DEBUG, INFO, "
+              "WARNING or ERROR", file=sys.stderr)
+        return 2
+    configure_logging(level)
     if name == "stt":
         from services.stt.worker import SttWorker as cls
     elif name == "llm":
@@ -122,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p_up = sub.add_parser("up", help="run everything locally: NATS, LLM endpoint, all stages")
     p_up.add_argument("--nats-port", type=int, default=4222)
-    p_up.add_argument("--http-port", type=int,
-                      default=int(os.environ.get("VOXBUS_HTTP_PORT", "8080")))
+    p_up.add_argument("--http-port", type=int, default=None,
+                      help="the page's port (default VOXBUS_HTTP_PORT, or 8080)")
     p_up.add_argument("--scale", metavar="STAGE=N,...",
                       help="replicas per stage, e.g. stt=2,llm=2,tts=2,orchestrator=2 (default 1)")
 
@@ -188,8 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             print(f"voxbus up: {e}", file=sys.stderr)
             return 2
+        from voxbus.config import Settings
+
+        http_port = args.http_port if args.http_port is not None else Settings().http_port
         configure_logging("WARNING")
-        return asyncio.run(up(args.nats_port, args.http_port, scale))
+        return asyncio.run(up(args.nats_port, http_port, scale))
     if args.cmd == "token":
         from services.media_gateway.tokens import TokenAuthority
         from voxbus.config import Settings
