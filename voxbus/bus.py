@@ -39,6 +39,11 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
+def nats_servers(url: str) -> list[str]:
+    """``VOXBUS_NATS_URL``'s servers: one URL, or several comma-separated (a cluster)."""
+    return [part.strip() for part in url.split(",") if part.strip()]
+
+
 class _ConnectionLog:
     """nats-py's connection callbacks as one quiet line per change (its default error callback
     logs a traceback per failed attempt: ~1,600 lines for a few seconds without a server)."""
@@ -49,20 +54,35 @@ class _ConnectionLog:
         self.url = url
         self.connected = False
         self.last_error = ""
+        self.last_server = ""
+        self.on_reconnected: list[Callable[[], None]] = []
+        """Told when the connection is back (see :meth:`Bus.on_reconnected`)."""
+
+    def _server(self) -> str:
+        """The server we are (or were last) on, e.g. one node of a cluster."""
+        current = self.nc.connected_url
+        if current is not None:
+            self.last_server = current.geturl()
+        return self.last_server or self.url
 
     async def error(self, e: Exception) -> None:
         text = _describe(e)
         if text != self.last_error and self.connected:  # the first connection raises instead
-            log.warning("%s: NATS at %s: %s", self.service, self.url, text)
+            log.warning("%s: NATS at %s: %s", self.service, self._server(), text)
         self.last_error = text
 
     async def disconnected(self) -> None:
         if self.connected and not self.nc.is_closed:  # closed: we hung up ourselves
-            log.warning("%s: lost NATS at %s; reconnecting", self.service, self.url)
+            log.warning("%s: lost NATS at %s; reconnecting", self.service, self._server())
 
     async def reconnected(self) -> None:
         self.last_error = ""
-        log.info("%s: reconnected to NATS at %s", self.service, self.url)
+        log.info("%s: reconnected to NATS at %s", self.service, self._server())
+        for callback in list(self.on_reconnected):
+            try:
+                callback()
+            except Exception:  # one listener's bug must not keep the news from the others
+                log.exception("%s: reconnect callback %r failed", self.service, callback)
 
 
 def _describe(e: BaseException) -> str:
@@ -82,12 +102,22 @@ async def _abandon(nc: Client) -> None:
 class Bus:
     """One NATS connection plus the voxbus conventions on top of it."""
 
-    def __init__(self, nc: Client, subjects: Subjects, service: str):
+    def __init__(self, nc: Client, subjects: Subjects, service: str,
+                 events: _ConnectionLog | None = None):
         self.nc = nc
         self.subjects = subjects
         self.service = service
         self.bad_frames = 0
         self._work_stages = {subjects.work(stage): stage for stage in Stage}
+        self._events = events
+
+    def on_reconnected(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` (on the event loop; it must not block) each time the connection
+        comes back after being lost: what was learnt from silence during the outage (a replica
+        not heard from, a JetStream consumer on a server that went away) is not to be trusted."""
+        if self._events is None:
+            raise RuntimeError("on_reconnected needs a Bus made by Bus.connect")
+        self._events.on_reconnected.append(callback)
 
     @classmethod
     async def connect(
@@ -95,33 +125,44 @@ class Bus:
     ) -> Bus:
         """Connect, retrying while the server comes up (``voxbus up`` starts both at once).
 
-        The first connection makes ``attempts`` tries 0.5 s apart, quietly, and then raises one
-        ``ConnectionError``; once connected the client reconnects forever, and every change
-        (lost, back, an error) is one log line naming the service, never a traceback.
+        ``url`` is one server or several comma-separated (the nodes of a cluster): the first
+        that answers, in the order given, is used; nats-py also learns the cluster's other
+        nodes from the server's INFO, and a lost connection moves to any of them.
+
+        The first connection makes ``attempts`` tries per server 0.5 s apart, quietly, and then
+        raises one ``ConnectionError``; once connected the client reconnects forever, and every
+        change (lost, back, an error) is one log line naming the service, never a traceback.
         """
+        servers = nats_servers(url)
+        if not servers:
+            raise ConnectionError(f"no NATS server in {url!r}")
         nc = Client()
-        events = _ConnectionLog(nc, service, url)
+        events = _ConnectionLog(nc, service, ",".join(servers))
         try:
             await asyncio.wait_for(nc.connect(
-                url,
+                servers=servers,
                 name=f"voxbus-{service}",
                 error_cb=events.error,
                 disconnected_cb=events.disconnected,
                 reconnected_cb=events.reconnected,
+                # The order is the operator's: the first URL is the preferred node.
+                dont_randomize=True,
                 # Bounded for the first connection only; lifted below once connected.
                 max_reconnect_attempts=max(attempts - 1, 1),
                 reconnect_time_wait=0.5,
                 connect_timeout=2,
-            ), timeout=attempts * 2.5 + 1)
+            ), timeout=attempts * 2.5 * len(servers) + 1)
         except (OSError, TimeoutError, NatsError) as e:
             await _abandon(nc)
-            raise ConnectionError(f"cannot reach NATS at {url}: {events.last_error or e}") from None
+            raise ConnectionError(f"cannot reach NATS at {events.url}: "
+                                  f"{events.last_error or e}") from None
         except BaseException:
             await _abandon(nc)
             raise
         nc.options["max_reconnect_attempts"] = -1  # read on every reconnect: never give up now
         events.connected = True
-        return cls(nc, subjects, service)
+        events._server()  # remembered, for the line that says we lost it
+        return cls(nc, subjects, service, events)
 
     async def close(self) -> None:
         if not self.nc.is_closed:
@@ -199,8 +240,11 @@ class Bus:
 
     # --- subscribe --------------------------------------------------------------------
 
-    async def subscribe(self, subject: str, handler: Handler, *, queue: str = "") -> Subscription:
-        """Subscribe with decoding and the error boundary around ``handler``."""
+    async def subscribe(self, subject: str, handler: Handler, *, queue: str = "",
+                        expect: type[Frame] | tuple[type[Frame], ...] | None = None
+                        ) -> Subscription:
+        """Subscribe with decoding and the error boundary around ``handler``; ``expect`` names
+        the frame kinds the subject carries: any other kind is reported, not handled."""
 
         async def on_msg(msg: Msg) -> None:
             if msg.headers and msg.headers.get("Status") == "503" and not msg.data:
@@ -219,6 +263,12 @@ class Bus:
                 await self.report(e.code, e.message, subject=msg.subject)
                 if msg.reply:
                     await self._reply_error(msg, e.code, e.message)
+                return
+            if expect is not None and not isinstance(frame, expect):
+                self.bad_frames += 1
+                message = f"{type(frame).__name__} does not belong on {msg.subject}"
+                log.error("%s: %s", self.service, message)
+                await self.report("wrong_kind", message, subject=msg.subject)
                 return
             try:
                 await handler(frame, msg)

@@ -18,6 +18,9 @@ TRUE = ("1", "true", "yes", "on")
 FALSE = ("0", "false", "no", "off")
 _PREFIX_PART = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _ICE_SCHEMES = ("stun:", "stuns:", "turn:", "turns:")
+_NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+MAX_JS_REPLICAS = 5
+"""JetStream's own limit on a stream's replicas."""
 MAX_JITTER_FRAMES = 8
 """The gateway's inbound jitter buffer holds 16 packets; prefetching more than half stalls it."""
 MIN_SECRET_BYTES = 32
@@ -147,6 +150,23 @@ def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:
     return raw.lower()
 
 
+def _nats_url() -> str:
+    """One NATS URL or several comma-separated (a cluster's nodes, tried in that order)."""
+    raw = _raw("VOXBUS_NATS_URL")
+    if raw is None:
+        return "nats://127.0.0.1:4222"
+    servers = [part.strip() for part in raw.split(",")]
+    for server in servers:
+        scheme, sep, rest = server.partition("://")
+        host_port = rest if sep else server
+        if (not server or (sep and scheme.lower() not in _NATS_SCHEMES) or not host_port
+                or any(c.isspace() for c in server)):
+            raise _fail(f"VOXBUS_NATS_URL={os.environ['VOXBUS_NATS_URL']!r} has "
+                        f"{server!r}: expected nats://HOST:PORT, or several comma-separated "
+                        "(the nodes of a cluster)")
+    return ",".join(servers)
+
+
 def _secret() -> str:
     raw = os.environ.get("VOXBUS_GATEWAY_SECRET", "")
     if raw and len(raw.encode()) < MIN_SECRET_BYTES:
@@ -168,7 +188,8 @@ def _ice_servers() -> str:
 
 @dataclass(frozen=True)
 class Settings:
-    nats_url: str = field(default_factory=lambda: _env("VOXBUS_NATS_URL", "nats://127.0.0.1:4222"))
+    nats_url: str = field(default_factory=_nats_url)
+    """One server, or a cluster's nodes comma-separated (see :func:`voxbus.bus.nats_servers`)."""
     prefix: str = field(default_factory=_prefix)
     worker_id: str = field(default_factory=_worker_id)
     metrics_port: int = field(default_factory=lambda: _port("VOXBUS_METRICS_PORT", 0))
@@ -178,7 +199,7 @@ class Settings:
     stage_first_frame_s: float = field(
         default_factory=lambda: _seconds("VOXBUS_STAGE_FIRST_FRAME_S", 1.5))
     """An LLM or TTS call with no first frame by then is also sent to another replica."""
-    stage_give_up_s: float = field(default_factory=lambda: _seconds("VOXBUS_STAGE_GIVE_UP_S", 8.0))
+    stage_give_up_s: float = field(default_factory=lambda: _seconds("VOXBUS_STAGE_GIVE_UP_S", 5.0))
     """A call no replica has started answering by then failed: the agent says its fallback."""
     stage_stall_s: float = field(default_factory=lambda: _seconds("VOXBUS_STAGE_STALL_S", 3.0))
     """A reply that started, then sent nothing for this long, has stalled."""
@@ -242,6 +263,12 @@ class Settings:
         "VOXBUS_RECORD_MAX_BYTES", 1024**3, minimum=1, also=(-1,),
         what="a whole number of bytes, 1 or more, or -1 for no limit"))
     """The recording stream's size cap; the oldest frames go first. -1 = no size limit."""
+    js_replicas: int = field(default_factory=lambda: _int(
+        "VOXBUS_JS_REPLICAS", 1, minimum=1, maximum=MAX_JS_REPLICAS,
+        what=f"a whole number of JetStream replicas from 1 to {MAX_JS_REPLICAS} (at most the "
+             "cluster's nodes)"))
+    """Copies JetStream keeps of the recording stream and the sessions bucket: 3 on a
+    three-node cluster survives losing any one node; 1 on a single server."""
     jetstream_dir: str = field(default_factory=lambda: _env("VOXBUS_JETSTREAM_DIR", ""))
     """Where ``voxbus up``'s own nats-server keeps JetStream (recordings survive restarts);
     empty = a temporary folder removed when it stops."""
