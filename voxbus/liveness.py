@@ -34,7 +34,14 @@ class Liveness:
             self._subs.append(await self.bus.subscribe(self.bus.subjects.heartbeat(stage),
                                                        self._on_heartbeat))
         self.since = time.monotonic()
+        self.bus.on_reconnected(self.reconnected)
         return self
+
+    def reconnected(self) -> None:
+        """Our own connection was down: the heartbeats we missed say nothing about the others.
+        Not warm again until we have listened for a whole lease, so nothing is adopted or
+        re-claimed because of our outage."""
+        self.since = time.monotonic()
 
     async def close(self) -> None:
         for sub in self._subs:

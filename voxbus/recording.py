@@ -248,12 +248,17 @@ class Recorder:
     async def __aexit__(self, *exc) -> None:
         await self.stop()
 
-    async def enable(self, *, max_age_s: float, max_bytes: int) -> None:
-        """Create the stream, or bring its retention up to date; idempotent."""
+    async def enable(self, *, max_age_s: float, max_bytes: int, replicas: int = 1) -> None:
+        """Create the stream, or bring its retention and replicas up to date; idempotent.
+
+        ``replicas`` (``VOXBUS_JS_REPLICAS``) copies on a cluster's nodes: with 3, losing one
+        node loses nothing already stored.
+        """
         config = StreamConfig(
             name=self.stream, subjects=[self.subjects.all_sessions()], no_ack=True,
             storage=StorageType.FILE, max_age=max_age_s if max_age_s > 0 else None,
             max_bytes=max_bytes if max_bytes > 0 else -1, allow_direct=True,
+            num_replicas=replicas,
             description="voxbus session recordings (voxbus record / replay)")
         try:
             await self.js.stream_info(self.stream)

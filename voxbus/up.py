@@ -265,9 +265,11 @@ async def record_sessions(nats_url: str, settings: Settings) -> None:
     """Turn on the recording stream (on by default; ``VOXBUS_RECORD=0`` leaves it off)."""
     async with Recorder(nats_url, settings.prefix) as recorder:
         await recorder.enable(max_age_s=settings.record_max_age_s,
-                              max_bytes=settings.record_max_bytes)
+                              max_bytes=settings.record_max_bytes,
+                              replicas=settings.js_replicas)
     age = f"{settings.record_max_age_s / 3600:g} h" if settings.record_max_age_s > 0 else "no"
     size = (f"{settings.record_max_bytes / 2**20:g} MiB" if settings.record_max_bytes > 0
             else "no")
+    copies = f", {settings.js_replicas} replicas" if settings.js_replicas > 1 else ""
     print(f"recording sessions in JetStream stream {recorder.stream} ({age} age limit, {size} "
-          "size limit): voxbus sessions / record / replay", flush=True)
+          f"size limit{copies}): voxbus sessions / record / replay", flush=True)

@@ -51,7 +51,10 @@ class OrchestratorWorker(Service):
 
     async def on_start(self) -> None:
         self.store = await SessionStore(self.bus.nc, self.settings.prefix,
+                                        replicas=self.settings.js_replicas,
                                         on_change=self._on_record).open()
+        self.bus.on_reconnected(self.store.resync)  # its watcher may have been on a lost node
+        # Liveness registers its own: after our outage it listens a lease before judging.
         self.liveness = await Liveness(self.bus, self.settings.lease_s).watch(
             Stage.ORCHESTRATOR, Stage.STT)
         await self.subscribe(self.subjects.work(self.stage), self._on_start_session, work=True)
