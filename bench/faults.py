@@ -46,6 +46,7 @@ from harness import (
     agents_dir,
     log,
     make_utterances,
+    stage_replies,
     table,
 )
 
@@ -79,6 +80,7 @@ class Fault:
 
 
 FAULTS = [
+    Fault("none", "no fault (baseline)", None, "none", "eou"),
     Fault("stt-kill", "STT replica SIGKILL", "stt", "kill", "speech"),
     Fault("llm-kill", "LLM replica SIGKILL", "llm", "kill", "llm_work"),
     Fault("tts-kill", "TTS replica SIGKILL", "tts", "kill", "tts_work"),
@@ -203,8 +205,11 @@ class Scene:
         return self.replicas[0]
 
     async def inject(self) -> None:
-        await self.when()
         action = self.fault.action
+        if action == "none":
+            self.hit = "-"
+            return
+        await self.when()
         if action in ("kill", "drain"):
             p = await self.victim()
             self.fault_at = time.monotonic()
@@ -332,7 +337,7 @@ async def run(fault: Fault, args, utterances, llm: LocalLlmServer, shared: NatsS
                 out.sent_in += sent
                 out.missing_out += miss_out
                 out.got_out += got
-                describe(out, c, scene.fault_at)
+                describe(out, c, scene.fault_at, await rec.export(c.session))
     finally:
         for c in callers:
             await c.stop()
@@ -348,7 +353,7 @@ async def run(fault: Fault, args, utterances, llm: LocalLlmServer, shared: NatsS
     return out
 
 
-def describe(out: Outcome, c: Caller, fault_at: float | None) -> None:
+def describe(out: Outcome, c: Caller, fault_at: float | None, recording) -> None:
     out.sessions += 1
     bad = [t for t in c.turns if not t.answered or t.errors or t.fallback]
     out.affected += bool(bad)
@@ -364,6 +369,9 @@ def describe(out: Outcome, c: Caller, fault_at: float | None) -> None:
         out.details.append(
             f"{c.name} ({c.session}) turn {t.index} [{t.voice}] {what}: heard {t.heard!r}, "
             f"turn declared over: {t.user_ended}; {'; '.join(t.errors)[:300] or t.words[:80]}")
+        if not t.answered:
+            for tid in t.turn_ids:
+                out.details.append(f"      recording, turn {tid}: {stage_replies(recording, tid)}")
     if c.resumed():
         out.details.append(f"{c.name} ({c.session}): resumed by another orchestrator "
                            f"{c.resumed()}x")
@@ -374,7 +382,9 @@ def row(o: Outcome) -> list[str]:
         return [o.fault.label, "-", "-", "-", "-", "-", o.note]
     got = [r for r in o.recovery_s if r is not None]
     never = len(o.recovery_s) - len(got)
-    if got:
+    if o.fault.action == "none":
+        whole = "-"
+    elif got:
         whole = f"{statistics.median(got):.1f} / {max(got):.1f}"
         whole += f" ({never} never)" if never else ""
     else:

@@ -30,10 +30,13 @@ from voxbus.wire import (
     BotText,
     ErrorEvent,
     Frame,
+    LlmDelta,
+    LlmDone,
     Metric,
     SessionEnd,
     SessionStart,
     Transcript,
+    TtsRequest,
     TurnEvent,
 )
 
@@ -249,6 +252,8 @@ class Turn:
     """What the STT made of the question (final transcripts)."""
     user_ended: bool = False
     """The orchestrator declared the user's turn over."""
+    turn_ids: list[int] = field(default_factory=list)
+    """The orchestrator's turn numbers declared over during this turn."""
     first_words_at: float | None = None
     first_audio_at: float | None = None
     last_audio_at: float | None = None
@@ -400,6 +405,7 @@ class Caller:
                     turn.heard = f"{turn.heard} {f.text}".strip()
                 elif isinstance(f, TurnEvent) and f.state == "user_ended":
                     turn.user_ended = True
+                    turn.turn_ids.append(f.turn)
                 elif isinstance(f, Metric):
                     turn.metrics.setdefault(f.name, f.value_ms)
             turn.words = " ".join(words)
@@ -426,6 +432,23 @@ class Caller:
         miss_in = sum(1 for s in self.sent_seqs if s not in rec_in)
         miss_out = sum((got_out - rec_out).values())
         return miss_in, len(self.sent_seqs), miss_out, sum(got_out.values())
+
+
+def stage_replies(recording, turn_id: int) -> str:
+    """What the session's recording holds for one orchestrator turn: the LLM text streamed
+    back, each reply's end (count, error) and the TTS sentences asked for."""
+    text, ends, sentences = [], [], 0
+    for m in recording.messages:
+        f = m.frame()
+        if isinstance(f, LlmDelta) and f.turn == turn_id:
+            text.append(f.text)
+        elif isinstance(f, LlmDone) and f.turn == turn_id:
+            ends.append(f"{m.subject.rsplit('.', 1)[-1]}:{f.count} frames"
+                        + (f" error {f.error!r}" if f.error else ""))
+        elif isinstance(f, TtsRequest) and f.turn == turn_id and ".work." in m.subject:
+            sentences += 1
+    return (f"LLM text {''.join(text)!r}, LLM ends [{', '.join(ends)}], "
+            f"TTS requests {sentences}")
 
 
 # --- tables --------------------------------------------------------------------------------
