@@ -61,11 +61,13 @@ class Service:
     def sessions(self) -> list[str]:
         return []
 
-    async def subscribe(self, subject: str, handler, *, work: bool = False) -> Subscription:
-        """Subscribe; ``work=True`` joins the stage's queue group and stops at drain."""
+    async def subscribe(self, subject: str, handler, *, work: bool = False,
+                        expect=None) -> Subscription:
+        """Subscribe; ``work=True`` joins the stage's queue group and stops at drain;
+        ``expect``: the frame kinds the subject carries (others are reported, see Bus)."""
         assert self.bus is not None
         queue = self.subjects.queue_group(self.stage) if work else ""
-        sub = await self.bus.subscribe(subject, handler, queue=queue)
+        sub = await self.bus.subscribe(subject, handler, queue=queue, expect=expect)
         (self._work_subs if work else self._subs).append(sub)
         return sub
 

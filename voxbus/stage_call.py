@@ -36,7 +36,7 @@ TERMINAL = (LlmDone, TtsDone)
 class CallPolicy:
     first_frame_s: float = 1.5
     """No first frame by then: the request goes to another replica too."""
-    give_up_s: float = 8.0
+    give_up_s: float = 5.0
     """No first frame from any attempt by then (from the start of the call): failed."""
     stall_s: float = 6.0
     """A reply that started, then sent nothing for this long, has stalled."""

@@ -26,6 +26,9 @@ from voxbus.wire import Cancel, Frame, LlmDelta, LlmDone, LlmRequest
 
 log = logging.getLogger("voxbus.llm")
 
+MAX_SERVICES = 16
+"""Distinct (temperature, max_tokens) clients kept; the oldest non-default one goes first."""
+
 LLM_TTFT = Histogram("llm_ttft_seconds", "Request to first token", buckets=(
     0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2, 5))
 
@@ -44,8 +47,8 @@ class LlmWorker(Service):
 
     async def on_start(self) -> None:
         self.service = make_llm_service(self.settings, self.base_url)
-        self._services = {(float(self.settings.llm_temperature),
-                           int(self.settings.llm_max_tokens)): self.service}
+        self._default = (float(self.settings.llm_temperature), int(self.settings.llm_max_tokens))
+        self._services = {self._default: self.service}
         await self.subscribe(self.subjects.work(self.stage), self._on_request, work=True)
         await self.subscribe(self.subjects.all_ctl(), self._on_ctl)
 
@@ -138,6 +141,8 @@ class LlmWorker(Service):
         max_tokens = overrides.get("max_tokens", self.settings.llm_max_tokens)
         key = (float(temperature), int(max_tokens))
         if key not in self._services:
+            if len(self._services) >= MAX_SERVICES:  # agents' combinations, not unbounded
+                del self._services[next(k for k in self._services if k != self._default)]
             service = make_llm_service(replace(
                 self.settings, llm_temperature=key[0], llm_max_tokens=key[1]), self.base_url)
             service.supports_developer_role = self.developer_role

@@ -76,7 +76,13 @@ class BusCompletionStream:
                               reply=lambda attempt: subjects.reply(
                                   request.session, Stage.LLM, request.turn, index, attempt))
         self.produced = False
-        """Something reached the user from this completion (text or a tool call)."""
+        """Something reached the user from this completion (words or a tool call)."""
+
+    @property
+    def answered_empty(self) -> bool:
+        """The stage finished without error and without a word or a tool call."""
+        done = self.call.done
+        return (not self.produced and isinstance(done, LlmDone) and not done.error)
 
     async def open(self) -> BusCompletionStream:
         await self.call.__aenter__()
@@ -99,7 +105,7 @@ class BusCompletionStream:
                 raise LlmStageError(str(e)) from None
             if not isinstance(item, LlmDelta):
                 continue
-            if not self.produced and (item.text or item.tool_calls):
+            if not self.produced and (item.text.strip() or item.tool_calls):
                 self.produced = True
                 first = self.call.first_frame_at or time.monotonic()
                 await self.s.metric("llm_ttft", (first - self.call.started) * 1000, self.turn)
@@ -159,6 +165,10 @@ class RemoteLLM(OpenAILLMService):
         self._stream = None
         try:
             await super()._process_context(context)
+            if self._stream is not None and self._stream.answered_empty:
+                # A reply of nothing (a small model that stops at once, or only whitespace)
+                # is a turn the user would wait on in silence.
+                raise LlmStageError(f"the LLM's reply to turn {self.s.turn} was empty")
         except LlmStageError as e:
             turn = self.s.turn
             await self.s.stage_failed(Stage.LLM, e, turn)

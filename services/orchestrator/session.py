@@ -170,8 +170,9 @@ class SessionRunner:
                 await self.flow_manager.initialize(self._flow.initial_node)
         sub = self.worker.subscribe
         self._subs = [
-            await sub(self.subjects.audio_in(self.session), self._on_audio),
-            await sub(self.subjects.event(self.session, Event.TRANSCRIPT), self.stt.on_transcript),
+            await sub(self.subjects.audio_in(self.session), self._on_audio, expect=AudioIn),
+            await sub(self.subjects.event(self.session, Event.TRANSCRIPT), self.stt.on_transcript,
+                      expect=Transcript),
             await sub(self.subjects.ctl(self.session), self._on_ctl),
         ]
 

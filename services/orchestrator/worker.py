@@ -39,6 +39,8 @@ class OrchestratorWorker(Service):
         self.store: SessionStore | None = None
         self.liveness: Liveness | None = None
         self._adopting: set[str] = set()
+        self._ending: set[str] = set()
+        """Sessions being closed here: their record is ours until it is deleted, not an orphan."""
         st = self.settings
         self.policy = CallPolicy(first_frame_s=st.stage_first_frame_s,
                                  give_up_s=st.stage_give_up_s, stall_s=st.stage_stall_s)
@@ -111,7 +113,8 @@ class OrchestratorWorker(Service):
     # --- crash resume -----------------------------------------------------------------
 
     def _orphaned(self, record: SessionRecord) -> bool:
-        if record.session in self.runners or record.session in self._adopting:
+        if record.session in self.runners or record.session in self._adopting \
+                or record.session in self._ending:
             return False
         if record.owner and record.owner != self.worker_id:
             if self.liveness.alive(record.owner):
@@ -174,12 +177,17 @@ class OrchestratorWorker(Service):
     async def end_session(self, session: str, *, forget: bool = True) -> None:
         """Stop running a session; ``forget`` also drops its stored state (it really ended)."""
         runner = self.runners.pop(session, None)
-        if runner:
+        if runner is None:
+            return
+        self._ending.add(session)
+        try:
             await runner.close()
             if forget and self.store and runner.revision is not None and not runner.fenced:
                 await self.store.delete(session, self.worker_id)
-            log.info("%s %s session %s", self.worker_id, "ended" if forget else "let go of",
-                     session)
+        finally:
+            self._ending.discard(session)
+        log.info("%s %s session %s", self.worker_id, "ended" if forget else "let go of",
+                 session)
 
     async def on_drain(self) -> None:
         # Hand over rather than hang up: mark each session ownerless, another replica adopts it.

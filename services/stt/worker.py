@@ -78,8 +78,10 @@ class SessionStream:
             await self._hand_over(claim)
         subjects = self.worker.subjects
         self._subs = [
-            await self.worker.subscribe(subjects.audio_in(self.session), self._on_audio),
-            await self.worker.subscribe(subjects.event(self.session, Event.VAD), self._on_vad),
+            await self.worker.subscribe(subjects.audio_in(self.session), self._on_audio,
+                                        expect=AudioIn),
+            await self.worker.subscribe(subjects.event(self.session, Event.VAD), self._on_vad,
+                                        expect=VadEvent),
             await self.worker.subscribe(subjects.ctl(self.session), self._on_ctl),
         ]
 
