@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from prometheus_client import Counter
 
 from voxbus.bus import Bus
 from voxbus.errors import StageFailed, StageUnavailable
@@ -27,6 +28,10 @@ from voxbus.subjects import Stage
 from voxbus.wire import Cancel, Frame, LlmDone, TtsDone, WireError, decode
 
 log = logging.getLogger("voxbus.stage_call")
+
+RETRIES = Counter("voxbus_stage_retries_total",
+                  "Stage requests sent to another replica, by stage and why",
+                  ["stage", "reason"])
 
 TERMINAL = (LlmDone, TtsDone)
 """Frames that end a streamed reply (exactly one per attempt, error or not)."""
@@ -190,6 +195,7 @@ class StageCall:
         if self.sent < p.attempts:
             log.warning("%s turn %d: no %s frame within %.1f s; asking another replica",
                         self.session, self.turn, self.stage, p.first_frame_s)
+            RETRIES.labels(self.stage.value, "deadline").inc()
             await self._send()
             return
         raise StageUnavailable(f"no {self.stage} reply within {p.give_up_s:g} s from "
@@ -208,6 +214,7 @@ class StageCall:
                         self.turn, self.stage, attempt, reason)
             if unavailable:
                 await asyncio.sleep(self.policy.unavailable_wait_s)
+            RETRIES.labels(self.stage.value, "unavailable" if unavailable else "error").inc()
             await self._send()
             return
         raise (StageUnavailable if all(self._unavailable) else StageFailed)(
