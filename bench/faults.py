@@ -127,13 +127,14 @@ class Scene:
     """One row's running system: what the fault needs to find its victim and hit it."""
 
     def __init__(self, fault: Fault, settings: Settings, procs: Procs, replicas: list[Proc],
-                 llm: LocalLlmServer, nats: NatsServer, watch: Bus):
+                 llm: LocalLlmServer, nats, watch: Bus):
         self.fault = fault
         self.settings = settings
         self.procs = procs
         self.replicas = replicas
         self.llm = llm
         self.nats = nats
+        """The NatsServer to restart, or the NatsCluster to lose a node of."""
         self.watch = watch
         self.beats = Beats()
         self.fault_turn = asyncio.Event()
@@ -236,6 +237,11 @@ class Scene:
             await asyncio.sleep(1.0)
             await asyncio.to_thread(self.nats.start)
             self.note = f"nats-server back after {time.monotonic() - self.fault_at:.1f} s"
+        elif action == "cluster":
+            self.fault_at = time.monotonic()
+            await asyncio.to_thread(self.nats.kill, 0)
+            self.hit = "node 0 (every connection's first URL) killed as the turn ended"
+            self.note = "node 0 stays down; recording stream and sessions bucket R3"
         log(f"  fault injected: {self.fault.label}; {self.note}")
 
 
@@ -278,24 +284,25 @@ async def in_process(settings: Settings, base_url: str, skip: str | None) -> lis
 async def run(fault: Fault, args, utterances, llm: LocalLlmServer, shared: NatsServer,
               tmp: Path) -> Outcome:
     out = Outcome(fault)
+    own = None
+    nats = shared
+    replicas_js = 1
     if fault.action == "cluster":
         try:
-            from voxbus.natsd import NatsCluster  # noqa: F401
+            from voxbus.natsd import NatsCluster
         except ImportError:
             out.note = "not measured (no cluster support yet)"
             return out
-        out.note = ("not measured: voxbus.natsd.NatsCluster exists now, but this bench does "
-                    "not drive it yet")
-        return out
-    own = None
-    nats = shared
-    if fault.action == "nats":
+        own = await asyncio.to_thread(
+            NatsCluster(3, store_root=str(tmp / f"jsc-{uuid.uuid4().hex[:6]}")).start)
+        nats, replicas_js = own, 3
+    elif fault.action == "nats":
         own = NatsServer(store_dir=str(tmp / f"js-{uuid.uuid4().hex[:6]}")).start()
         nats = own
     prefix = "fb" + uuid.uuid4().hex[:8]
     agents = agents_dir(tmp)
     settings = Settings(nats_url=nats.url, prefix=prefix, llm_model=MODEL_ALIAS,
-                        agents_dir=agents)
+                        agents_dir=agents, js_replicas=replicas_js)
     procs = Procs(nats.url, prefix, OPENAI_BASE_URL=llm.base_url, VOXBUS_LLM_MODEL=MODEL_ALIAS,
                   VOXBUS_AGENTS_DIR=agents)
     services: list = []
@@ -303,7 +310,7 @@ async def run(fault: Fault, args, utterances, llm: LocalLlmServer, shared: NatsS
     watch = None
     try:
         async with Recorder(nats.url, prefix) as rec:
-            await rec.enable(max_age_s=3600, max_bytes=256 * 2**20)
+            await rec.enable(max_age_s=3600, max_bytes=256 * 2**20, replicas=replicas_js)
         replicas = []
         if fault.stage:
             log(f"  starting two {fault.stage} replica processes")
@@ -369,7 +376,7 @@ def describe(out: Outcome, c: Caller, fault_at: float | None, recording) -> None
         out.details.append(
             f"{c.name} ({c.session}) turn {t.index} [{t.voice}] {what}: heard {t.heard!r}, "
             f"turn declared over: {t.user_ended}; {'; '.join(t.errors)[:300] or t.words[:80]}")
-        if not t.answered:
+        if not t.answered or t.fallback:
             for tid in t.turn_ids:
                 out.details.append(f"      recording, turn {tid}: {stage_replies(recording, tid)}")
     if c.resumed():

@@ -209,18 +209,12 @@ class Procs:
 class MonitoredNats(NatsServer):
     """nats-server with its HTTP monitoring port on (``/connz?subs=1``)."""
 
-    def __init__(self, port: int = 0, *, store_dir: str | None = None):
-        super().__init__(port, store_dir=store_dir)
-        self.monitor_port = free_port()
-
-    def command(self) -> list[str]:
-        return [*super().command(), "-m", str(self.monitor_port)]
+    def __init__(self, *, store_dir: str | None = None):
+        super().__init__(store_dir=store_dir, http_port=free_port())
 
     def subscriptions(self) -> dict[str, int]:
         """Open subscriptions per connection name (summed over same-named connections)."""
-        url = f"http://127.0.0.1:{self.monitor_port}/connz?subs=1&limit=1024"
-        with urllib.request.urlopen(url, timeout=2) as r:
-            connz = json.loads(r.read())
+        connz = self.monitor("/connz?subs=1&limit=1024", timeout=2) or {}
         subs: Counter[str] = Counter()
         for c in connz.get("connections", []):
             subs[c.get("name") or f"cid{c['cid']}"] += c.get("subscriptions", 0)

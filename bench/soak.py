@@ -8,7 +8,8 @@ stages in this process instead, which makes asyncio tasks countable). Each sessi
 on the bus speaking questions in real time (the Piper voice and espeak-ng's voices, 20 ms
 frames), waiting for the reply to finish, pausing 1.5-4 s, and looping until the time is up.
 
-Measured: each process's resident memory (``/proc/<pid>/status`` VmRSS) and its NATS
+Measured: each process's resident memory (``/proc/<pid>/status`` VmRSS, also sampled at the
+end of every time bucket) and its NATS
 subscriptions (the server's ``/connz?subs=1``, by connection name) while idle before the soak
 (after one warm-up session) and idle after it (its sessions ended), plus subscriptions at the
 end of the soak while the sessions still ran; asyncio tasks likewise when in-process; and per
@@ -142,6 +143,24 @@ def service_table(system: System, before: dict, during: dict, after: dict) -> st
     return "\n".join(lines)
 
 
+async def sample_rss(system: System, t0: float, every_s: float, into: list) -> None:
+    """RSS of every process at the end of each time bucket, so a steady climb shows."""
+    k = 1
+    while True:
+        await asyncio.sleep(max(0.0, t0 + k * every_s - time.monotonic()))
+        into.append((k * every_s, {n: rss_mib(pid) for n, pid in system.pids.items()}))
+        k += 1
+
+
+def rss_table(system: System, before: dict, samples: list) -> str:
+    names = list(system.pids)
+    head = ["RSS MiB at minute", *names]
+    rows = [["0 (before)", *[f"{before['rss'][n]:.0f}" for n in names]]]
+    for at, rss in samples:
+        rows.append([f"{at / 60:g}", *[f"{rss[n]:.0f}" if rss[n] else "-" for n in names]])
+    return table(head, rows)
+
+
 def latency_table(turns: list[Turn], t0: float, bucket_s: float, minutes: float) -> str:
     n = max(1, int(np.ceil(minutes * 60 / bucket_s)))
     buckets: list[list[Turn]] = [[] for _ in range(n)]
@@ -189,6 +208,9 @@ async def main(args) -> None:
             t0 = time.monotonic()
             until = t0 + args.minutes * 60
             log(f"soak: {args.sessions} sessions for {args.minutes:g} min")
+            samples: list = []
+            sampler = asyncio.create_task(sample_rss(system, t0, args.bucket_minutes * 60,
+                                                     samples))
             tasks = []
             for k in range(args.sessions):
                 c = await Caller(nats.url, prefix, AGENT, f"caller{k}", keep_audio=False).start()
@@ -197,6 +219,8 @@ async def main(args) -> None:
                     converse(c, utterances, until, random.Random(rng.random()))))
                 await asyncio.sleep(2.0)
             await asyncio.gather(*tasks)
+            sampler.cancel()
+            await asyncio.gather(sampler, return_exceptions=True)
             during = system.snapshot()
             for c in callers:
                 await c.stop()
@@ -213,6 +237,8 @@ async def main(args) -> None:
         c.judge()
         turns += c.turns
     print(service_table(system, before, during, after))
+    print()
+    print(rss_table(system, before, samples))
     print()
     print(latency_table(turns, t0, args.bucket_minutes * 60, args.minutes))
     spoken, answered = len(turns), sum(t.answered for t in turns)
