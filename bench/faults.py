@@ -379,6 +379,10 @@ def describe(out: Outcome, c: Caller, fault_at: float | None, recording) -> None
         if not t.answered or t.fallback:
             for tid in t.turn_ids:
                 out.details.append(f"      recording, turn {tid}: {stage_replies(recording, tid)}")
+    if c.missing_seqs:
+        out.details.append(f"{c.name} ({c.session}): audio.in seqs not recorded: "
+                           f"{c.missing_seqs[:20]} (of {len(c.sent_seqs)} published, "
+                           f"{c.send_failures} publishes refused)")
     if c.resumed():
         out.details.append(f"{c.name} ({c.session}): resumed by another orchestrator "
                            f"{c.resumed()}x")

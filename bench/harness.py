@@ -299,6 +299,8 @@ class Caller:
         self.heard: list[Heard] = []
         self.sent_seqs: list[int] = []
         self.send_failures = 0
+        self.missing_seqs: list[int] = []
+        """audio.in seqs published but not in the recording (after ``missing_from``)."""
         self.turns: list[Turn] = []
         self.ended: str | None = None
         self.keep_audio = keep_audio
@@ -423,7 +425,8 @@ class Caller:
             elif m.subject == audio_out:
                 rec_out[m.data] += 1
         got_out = Counter(h.data for h in self.heard if isinstance(h.frame, AudioOut))
-        miss_in = sum(1 for s in self.sent_seqs if s not in rec_in)
+        self.missing_seqs = [s for s in self.sent_seqs if s not in rec_in]
+        miss_in = len(self.missing_seqs)
         miss_out = sum((got_out - rec_out).values())
         return miss_in, len(self.sent_seqs), miss_out, sum(got_out.values())
 

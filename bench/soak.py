@@ -124,7 +124,8 @@ def service_table(system: System, before: dict, during: dict, after: dict) -> st
     head = ["service", "RSS before MiB", "RSS after MiB", "change MiB", "change %",
             "subs before", "subs during", "subs after"]
     rows = []
-    for name in system.pids:
+    names = [*system.pids, *(c for c in system.connections if c not in system.pids)]
+    for name in names:
         a, b = before["rss"].get(name), after["rss"].get(name)
         sub = [str(x["subs"].get(name, "-")) if name in system.connections else "-"
                for x in (before, during, after)]
