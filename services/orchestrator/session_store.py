@@ -11,15 +11,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 from nats.aio.client import Client
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import (
     BucketNotFoundError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
+    NoStreamResponseError,
     NotFoundError,
+    ServiceUnavailableError,
 )
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -29,6 +33,8 @@ from voxbus.subjects import Subjects
 log = logging.getLogger("voxbus.orchestrator.store")
 
 RECORD_VERSION = 1
+OPEN_WAIT_S = 30.0
+"""How long ``open`` waits for JetStream to answer (a cluster electing leaders)."""
 WATCH_CHECK_S = 5.0
 """How often the watcher's consumer is checked for (besides at once after a reconnect)."""
 WATCH_RETRY_S = (0.5, 5.0)
@@ -78,6 +84,25 @@ class SessionStore:
         """Told of every record written (by any replica), as soon as the bucket says so."""
 
     async def open(self) -> SessionStore:
+        """Bind (or create) the bucket and follow it. While a cluster elects the bucket's new
+        leader (a node was lost: a few seconds) JetStream does not answer; that is waited out
+        for up to ``OPEN_WAIT_S``."""
+        deadline = time.monotonic() + OPEN_WAIT_S
+        while True:
+            try:
+                await self._bind()
+                self._watcher = await self.kv.watchall()
+                break
+            except (NatsTimeout, ServiceUnavailableError, NoStreamResponseError) as e:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("sessions bucket %s: JetStream not answering (%s); retrying",
+                            self.bucket, e or type(e).__name__)
+                await asyncio.sleep(1.0)
+        self._watch_task = asyncio.create_task(self._follow(), name=f"{self.bucket}-watch")
+        return self
+
+    async def _bind(self) -> None:
         try:
             self.kv = await self._js.key_value(self.bucket)
         except BucketNotFoundError:
@@ -87,9 +112,6 @@ class SessionStore:
                                                       replicas=self._replicas)
         else:
             await self._match_replicas()
-        self._watcher = await self.kv.watchall()
-        self._watch_task = asyncio.create_task(self._follow(), name=f"{self.bucket}-watch")
-        return self
 
     async def _match_replicas(self) -> None:
         """A bucket made with another replica count (VOXBUS_JS_REPLICAS changed) is scaled."""
