@@ -211,6 +211,10 @@ class Settings:
     stt_device: str = field(
         default_factory=lambda: _choice("VOXBUS_STT_DEVICE", "cpu", ("cpu", "cuda", "auto")))
     stt_short_window: bool = field(default_factory=lambda: _bool("VOXBUS_STT_SHORT_WINDOW", True))
+    stt_no_speech_prob: float = field(default_factory=lambda: _number(
+        "VOXBUS_STT_NO_SPEECH", 0.6, minimum=0.0, maximum=1.0, what="a probability 0-1"))
+    """A transcribed segment whose Whisper no-speech probability is at or above this is
+    dropped (1: keep everything the VAD heard)."""
     """Encode only the spoken part of Whisper's 30 s window (see services/stt/short_window.py)."""
 
     # LLM

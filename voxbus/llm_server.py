@@ -53,6 +53,10 @@ class LocalLlmServer:
             sys.executable, "-m", "llama_cpp.server", "--model", self.model,
             "--model_alias", MODEL_ALIAS, "--host", "127.0.0.1", "--port", str(self.port),
             "--n_ctx", "2048", "--n_threads", str(self.threads), "--verbose", "false",
+            # By default a new request cuts off the one streaming (it ends early, often with
+            # nothing said): with several sessions, or a hedged retry, every reply but the last
+            # would be empty. Queued, each is answered in turn.
+            "--interrupt_requests", "false",
         ]
 
     def is_up(self) -> bool:

@@ -133,7 +133,8 @@ class StageCall:
             elif isinstance(item, TERMINAL):
                 self._running.discard(attempt)
                 error = getattr(item, "error", None)
-                if self.winner is None and error:
+                if self.winner is None and error and error != "cancelled":
+                    # (cancelled: the session stopped this turn's work itself, a barge-in)
                     await self._failed(attempt, error)
                     continue
                 await self._win(attempt)

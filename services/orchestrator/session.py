@@ -57,6 +57,7 @@ from voxbus.wire import (
     AudioFlush,
     AudioIn,
     AudioOut,
+    Cancel,
     Frame,
     Metric,
     SessionEnd,
@@ -290,6 +291,10 @@ class SessionRunner:
         return self.turn
 
     async def interrupted(self) -> None:
+        # Whatever any replica still does for this turn (a queued sentence, the loser of a
+        # hedged call) stops: the user is talking.
+        await self.bus.publish(self.subjects.ctl(self.session),
+                               Cancel(session=self.session, turn=self.turn))
         self.save_soon()
         await self.publish_event(Event.TURN, TurnEvent(turn=self.turn, state="interrupted",
                                                        ts_us=now_us()))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 
 from pipecat.frames.frames import TranscriptionFrame
 from pipecat.services.stt_service import STTService
@@ -69,10 +68,12 @@ def make_stt_service(settings: Settings) -> STTService:
         voxbus_settings=settings,
         device=settings.stt_device,
         compute_type=settings.stt_compute_type,
-        # Pipecat keeps a segment only if its no_speech_prob is under 0.4; the VAD has already
-        # heard speech, so only Whisper's own rule (faster-whisper drops a segment whose
-        # no_speech_prob > 0.6 *and* avg_logprob < -1) may throw one away.
-        settings=WhisperSTTService.Settings(model=model, no_speech_prob=math.inf),
+        # Pipecat keeps a segment only if its no_speech_prob is under 0.4, which loses real
+        # speech the VAD already heard (espeak-ng voices reach 0.54). Whisper's own threshold
+        # (0.6) keeps all of it and still drops its hallucinations on hums and noise ("Thank
+        # you for watching." at 0.72-0.84); faster-whisper's no-speech/log-prob rule runs too.
+        settings=WhisperSTTService.Settings(model=model,
+                                            no_speech_prob=settings.stt_no_speech_prob),
         # Whisper needs to hear the end of speech, but every padded second costs encoder time.
         trailing_silence_secs=0.2,
     )

@@ -29,7 +29,7 @@ def looks_degenerate(text: str, audio_s: float) -> bool:
     words = re.findall(r"[\w']+", text.lower())
     if len(words) > 2 + MAX_WORDS_PER_S * audio_s:
         return True
-    phrases = [p.strip() for p in re.split(r"[.?!]+", text.lower()) if p.strip()]
+    phrases = [p.strip() for p in re.split(r"[.?!,;]+", text.lower()) if p.strip()]
     return any(phrases[i] == phrases[i + 1] == phrases[i + 2] for i in range(len(phrases) - 2))
 
 

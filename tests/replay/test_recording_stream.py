@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from voxbus.bus import REPLY_HEADER
@@ -39,7 +41,12 @@ async def test_work_requests_are_recorded_and_absent_stages_still_say_so(setting
                 session="a.b", turn=1, messages=[], tools=[], settings={}, attempt=0))
             await bus.nc.flush()
 
-            exported = await rec.export("s1")
+            # The stream stores without acknowledging: give a loaded server a moment.
+            for _ in range(50):
+                exported = await rec.export("s1")
+                if len(exported.messages) >= 4:
+                    break
+                await asyncio.sleep(0.1)
             assert [m.subject for m in exported.messages] == [
                 subjects.work_copy("s1", Stage.ORCHESTRATOR), subjects.audio_in("s1"),
                 subjects.work_copy("s1", Stage.LLM), subjects.event("s1", Event.TURN)]
