@@ -446,8 +446,8 @@ async def main(args) -> None:
           f"fault in turn {max(1, args.turns // 2 - 1) + 1} of session 1; voices: "
           f"{', '.join(voices)}")
     print("* LLM: the embedded llama-cpp SmolLM2-135M endpoint (no scripted endpoint); other "
-          "stages one replica each in the bench's process; default heartbeats (1 s) and "
-          "leases (3 s)")
+          "stages one replica each in the bench's process (every stage for the baseline, "
+          "nats-server and cluster rows); default heartbeats (1 s) and leases (3 s)")
     print("* affected: a turn with an error event, the fallback line, or no answer; "
           "unanswered: neither agent words nor audio before the next question "
           f"(each turn waits {TURN_TIMEOUT_S:.0f} s)")
