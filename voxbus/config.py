@@ -167,6 +167,47 @@ def _nats_url() -> str:
     return ",".join(servers)
 
 
+MIN_CONTROL_TOKEN = 16
+"""Characters a control-plane bearer token needs at least (``voxbus up`` makes 43)."""
+
+
+def _address(name: str, default: str) -> str:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6); port 0 picks a free one."""
+    raw = _raw(name)
+    if raw is None:
+        return default
+    host, sep, port = raw.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535 or any(
+            c.isspace() for c in raw):
+        raise _fail(f"{name}={os.environ[name]!r} is not an address: expected HOST:PORT, "
+                    "e.g. 127.0.0.1:50051 (port 0: any free port)")
+    return raw
+
+
+def _control_token() -> str:
+    raw = _raw("VOXBUS_CONTROL_TOKEN") or ""
+    if raw and (len(raw) < MIN_CONTROL_TOKEN or any(c.isspace() for c in raw)):
+        # Not echoed: it is a secret, even a bad one.
+        raise _fail(f"VOXBUS_CONTROL_TOKEN is {len(raw)} characters: expected at least "
+                    f"{MIN_CONTROL_TOKEN} with no spaces (unset, voxbus up generates one)")
+    return raw
+
+
+def _readable_file(name: str) -> str:
+    raw = _raw(name) or ""
+    if raw and not os.path.isfile(raw):
+        raise _fail(f"{name}={os.environ[name]!r} is not a readable file")
+    return raw
+
+
+def _control_file() -> str:
+    raw = _raw("VOXBUS_CONTROL_FILE")
+    if raw is not None:
+        return os.path.expanduser(raw)
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+    return os.path.join(base, "voxbus", "control.json")
+
+
 def _secret() -> str:
     raw = os.environ.get("VOXBUS_GATEWAY_SECRET", "")
     if raw and len(raw.encode()) < MIN_SECRET_BYTES:
@@ -203,6 +244,27 @@ class Settings:
     """A call no replica has started answering by then failed: the agent says its fallback."""
     stage_stall_s: float = field(default_factory=lambda: _seconds("VOXBUS_STAGE_STALL_S", 3.0))
     """A reply that started, then sent nothing for this long, has stalled."""
+    capacity: int = field(default_factory=lambda: _int(
+        "VOXBUS_CAPACITY", 0, minimum=0, what="a whole number of work items, 0 or more "
+                                              "(0: the stage's default)"))
+    """Work items this replica declares it takes at once (its heartbeat's load is measured
+    against it); 0 = the stage's default (``voxbus.runner.DEFAULT_CAPACITY``)."""
+    drain_grace_s: float = field(default_factory=lambda: _seconds("VOXBUS_DRAIN_GRACE_S", 30.0))
+    """A replica told to drain waits this long for its work to finish before it exits."""
+
+    # Control plane (gRPC)
+    control_address: str = field(default_factory=lambda: _address(
+        "VOXBUS_CONTROL_ADDRESS", "127.0.0.1:50051"))
+    """Where ``voxbus control`` serves gRPC."""
+    control_token: str = field(default_factory=_control_token)
+    """Bearer token every control call must carry; empty = read from ``control_file``."""
+    control_tls_cert: str = field(default_factory=lambda: _readable_file(
+        "VOXBUS_CONTROL_TLS_CERT"))
+    """PEM certificate chain: the control service serves TLS (``voxbus ctl`` trusts it)."""
+    control_tls_key: str = field(default_factory=lambda: _readable_file(
+        "VOXBUS_CONTROL_TLS_KEY"))
+    control_file: str = field(default_factory=_control_file)
+    """Where ``voxbus up`` writes the control address and token (mode 0600) for ``voxbus ctl``."""
 
     # STT
     stt_model: str = field(default_factory=lambda: _env("VOXBUS_STT_MODEL", ""))
@@ -280,6 +342,9 @@ class Settings:
     def __post_init__(self):
         # Only what no single variable can say. Values passed in code are the caller's to get
         # right (a stage may replace() per-request settings); the environment is checked above.
+        if bool(self.control_tls_cert) != bool(self.control_tls_key):
+            raise _fail("VOXBUS_CONTROL_TLS_CERT and VOXBUS_CONTROL_TLS_KEY go together: set "
+                        "both (TLS) or neither")
         if self.lease_s <= self.heartbeat_s:
             raise _fail(f"VOXBUS_LEASE_S={self.lease_s:g} is not longer than VOXBUS_HEARTBEAT_S="
                         f"{self.heartbeat_s:g}: a lease must outlast several heartbeats")

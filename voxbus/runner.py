@@ -1,7 +1,9 @@
 """The one service runner: NATS wiring, heartbeats, health/metrics, drain and stop.
 
 A stage subclasses :class:`Service` and implements ``on_start`` (subscribe, load models) and
-optionally ``on_drain``/``on_stop``; everything else every service needs lives here once.
+optionally ``on_drain``/``on_stop``; everything else every service needs lives here once,
+including the replica's own control subject: an operator's ``Drain`` makes it finish its work
+and exit 0 (``voxbus up`` then does not restart it).
 """
 
 from __future__ import annotations
@@ -10,27 +12,42 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from typing import ClassVar
 
 from aiohttp import web
 from nats.aio.subscription import Subscription
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 
+from voxbus import __version__
 from voxbus.bus import Bus
 from voxbus.config import Settings
 from voxbus.subjects import Stage, Subjects
-from voxbus.wire import Heartbeat
+from voxbus.wire import Drain, Frame, Heartbeat
 
 log = logging.getLogger("voxbus.runner")
 
 INFLIGHT = Gauge("voxbus_inflight", "Work items in progress", ["stage"])
 SESSIONS = Gauge("voxbus_sessions", "Sessions owned by this replica", ["stage"])
+LOAD = Gauge("voxbus_load", "Work in progress over declared capacity, 0-1", ["stage"])
+
+DEFAULT_CAPACITY: dict[Stage, int] = {
+    Stage.STT: 4, Stage.LLM: 4, Stage.TTS: 4, Stage.ORCHESTRATOR: 8, Stage.CONTROL: 0,
+}
+"""Work items a replica of each stage declares by default (``VOXBUS_CAPACITY`` overrides it;
+the gateway declares ``VOXBUS_GATEWAY_MAX_SESSIONS``). A first guess for this 2-core class of
+machine, to be measured per deployment; 0 declares none (load stays 0)."""
+
+DRAINED_SUFFIX = " drained"
+"""The stdout line a replica prints when it drained on command and is about to exit 0."""
 
 
 class Service:
     """Base of every voxbus stage. Lifecycle: ``start`` → (``drain``) → ``stop``; idempotent."""
 
     stage: ClassVar[Stage]
+    capacity: ClassVar[int | None] = None
+    """A stage's own declared capacity; None: ``DEFAULT_CAPACITY``."""
 
     def __init__(self, settings: Settings | None = None):
         self.settings = settings or Settings()
@@ -46,6 +63,9 @@ class Service:
         self._http: web.AppRunner | None = None
         self.metrics_port: int | None = None
         self._stopped = asyncio.Event()
+        self.drained = asyncio.Event()
+        """Set once a ``Drain`` command's work is done: the process may exit (0)."""
+        self._drain_task: asyncio.Task | None = None
 
     # --- for subclasses -------------------------------------------------------------
 
@@ -60,6 +80,20 @@ class Service:
 
     def sessions(self) -> list[str]:
         return []
+
+    def work_in_progress(self) -> int:
+        """What ``load`` measures against capacity: sessions held or requests in flight."""
+        return max(len(self.sessions()), self.inflight)
+
+    @property
+    def declared_capacity(self) -> int:
+        if self.settings.capacity:
+            return self.settings.capacity
+        if self.capacity is not None:
+            return self.capacity
+        if self.stage is Stage.GATEWAY:
+            return self.settings.gateway_max_sessions
+        return DEFAULT_CAPACITY.get(self.stage, 0)
 
     async def subscribe(self, subject: str, handler, *, work: bool = False,
                         expect=None) -> Subscription:
@@ -83,6 +117,8 @@ class Service:
     async def start(self, bus: Bus | None = None) -> Service:
         self.bus = bus or await Bus.connect(self.settings.nats_url, self.subjects, self.worker_id)
         await self.on_start()
+        await self.subscribe(self.subjects.worker_ctl(self.worker_id), self._on_control,
+                             expect=Drain)
         # Subscriptions are registered with the server before start returns: a request sent
         # the moment we are "started" must find us, not get "no responders".
         await self.bus.nc.flush()
@@ -127,23 +163,63 @@ class Service:
     async def __aexit__(self, *exc) -> None:
         await self.stop()
 
-    async def _heartbeats(self) -> None:
+    def heartbeat(self) -> Heartbeat:
+        """This replica as its heartbeat says it: sessions, work, load against capacity."""
+        sessions = self.sessions()
+        capacity = self.declared_capacity
+        load = min(1.0, self.work_in_progress() / capacity) if capacity else 0.0
+        INFLIGHT.labels(self.stage.value).set(self.inflight)
+        SESSIONS.labels(self.stage.value).set(len(sessions))
+        LOAD.labels(self.stage.value).set(load)
+        return Heartbeat(
+            worker=self.worker_id, stage=self.stage.value, sessions=sessions,
+            inflight=self.inflight, draining=self.draining or self._drain_task is not None,
+            interval_s=self.settings.heartbeat_s, version=__version__, capacity=capacity,
+            load=float(load),
+        )
+
+    async def _beat(self) -> None:
         assert self.bus is not None
-        subject = self.subjects.heartbeat(self.stage)
+        try:
+            await self.bus.publish(self.subjects.heartbeat(self.stage), self.heartbeat())
+        except Exception as e:  # a reconnecting client: try again next beat
+            log.debug("heartbeat not sent: %s", e)
+
+    async def _heartbeats(self) -> None:
         while True:
-            sessions = self.sessions()
-            INFLIGHT.labels(self.stage.value).set(self.inflight)
-            SESSIONS.labels(self.stage.value).set(len(sessions))
-            hb = Heartbeat(
-                worker=self.worker_id, stage=self.stage.value, sessions=sessions,
-                inflight=self.inflight, draining=self.draining,
-                interval_s=self.settings.heartbeat_s,
-            )
-            try:
-                await self.bus.publish(subject, hb)
-            except Exception as e:  # a reconnecting client: try again next beat
-                log.debug("heartbeat not sent: %s", e)
+            await self._beat()
             await asyncio.sleep(self.settings.heartbeat_s)
+
+    # --- operator commands ------------------------------------------------------------
+
+    async def _on_control(self, frame: Frame, msg) -> None:
+        """A ``Drain`` on our own control subject: answer with our heartbeat (now draining),
+        then drain in a task of our own, so the operator's request is not held up."""
+        assert isinstance(frame, Drain)
+        if frame.worker != self.worker_id:
+            raise ValueError(f"Drain for {frame.worker!r} reached {self.worker_id}")
+        if self._drain_task is None and not self._stopped.is_set():
+            log.warning("%s: drain requested (%s)", self.worker_id, frame.reason)
+            self._drain_task = self.spawn(self._drain_on_command(),
+                                          name=f"{self.worker_id}-drain")
+        if msg.reply:
+            await self.bus.publish(msg.reply, self.heartbeat())
+
+    async def _drain_on_command(self) -> None:
+        """Drain, then wait (up to ``VOXBUS_DRAIN_GRACE_S``) for the last work to finish, say
+        so in a heartbeat at once, and mark the replica drained: ``run_forever`` exits 0."""
+        await self.drain()
+        deadline = time.monotonic() + self.settings.drain_grace_s
+        while time.monotonic() < deadline:  # work ends in the stages' own tasks: poll it
+            if not self.work_in_progress():
+                break
+            await asyncio.sleep(0.05)
+        if self.work_in_progress():
+            log.warning("%s: %d work items still running after %.0f s of draining; leaving "
+                        "anyway", self.worker_id, self.work_in_progress(),
+                        self.settings.drain_grace_s)
+        await self._beat()
+        self.drained.set()
 
     # --- health and metrics ---------------------------------------------------------
 
@@ -192,5 +268,15 @@ async def run_forever(service: Service) -> None:
     port = await service.serve_http(service.settings.metrics_port)
     log.info("%s metrics and health on :%d", service.worker_id, port)
     print(f"{service.worker_id} ready", flush=True)
-    await stop.wait()
+    signalled = asyncio.create_task(stop.wait())
+    drained = asyncio.create_task(service.drained.wait())
+    try:
+        await asyncio.wait([signalled, drained], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (signalled, drained):
+            t.cancel()
+        await asyncio.gather(signalled, drained, return_exceptions=True)
     await service.stop()
+    if service.drained.is_set():
+        # The supervisor reads this line: an exit 0 after it is a clean stop, not a crash.
+        print(f"{service.worker_id}{DRAINED_SUFFIX}", flush=True)

@@ -10,6 +10,7 @@ Layout (``<p>`` is the deployment prefix, ``vox`` by default)::
     <p>.sess.<session>.work.<stage>      copies of the session's work requests, for its recording
     <p>.work.<stage>                     work requests; queue group = stage name
     <p>.hb.<stage>                       worker heartbeats
+    <p>.ctl.worker.<worker>              one replica's control subject (Drain)
     <p>.err                              errors not tied to a session
 """
 
@@ -28,6 +29,8 @@ class Stage(StrEnum):
     TTS = "tts"
     ORCHESTRATOR = "orchestrator"
     GATEWAY = "gateway"
+    CONTROL = "control"
+    """The operator's gRPC control plane (voxbus/control/): heartbeats, takes no stage work."""
 
 
 class Event(StrEnum):
@@ -77,6 +80,10 @@ class Subjects:
     def all_ctl(self) -> str:
         return f"{self.prefix}.sess.*.ctl"
 
+    def all_events(self, kind: Event) -> str:
+        """One kind of event of every session (the control plane follows metrics, errors, turns)."""
+        return f"{self.prefix}.sess.*.evt.{Event(kind).value}"
+
     def reply(self, session: str, stage: Stage, turn: int, index: int = 0,
               attempt: int = 0) -> str:
         """Where one request's streamed reply goes; a retry (``attempt`` 1) has its own, so
@@ -104,6 +111,13 @@ class Subjects:
 
     def heartbeat(self, stage: Stage) -> str:
         return f"{self.prefix}.hb.{Stage(stage).value}"
+
+    def all_heartbeats(self) -> str:
+        return f"{self.prefix}.hb.*"
+
+    def worker_ctl(self, worker: str) -> str:
+        """One replica's own control subject: an operator's ``Drain`` reaches only it."""
+        return f"{self.prefix}.ctl.worker.{_token(worker, 'worker')}"
 
     def errors(self) -> str:
         return f"{self.prefix}.err"

@@ -1,6 +1,8 @@
 """Supervised child processes: every line they write read and shown under their name, a tail
 kept for the death report, a restart with exponential backoff after each death, and a stop
-when one keeps dying. Generic: ``voxbus up`` composes its children from these."""
+when one keeps dying; a child that announced it drained (an operator's ``voxbus ctl drain``) and
+then exits 0 has stopped cleanly and stays stopped. Generic: ``voxbus up`` composes its children
+from these."""
 
 from __future__ import annotations
 
@@ -86,13 +88,17 @@ class Child:
 
     def __init__(self, name: str, argv: list[str], *, env: dict[str, str] | None = None,
                  ready_suffix: str | None = None, probe: Callable[[], bool] | None = None,
-                 must_start: bool = False, hint: Callable[[int], str | None] | None = None,
+                 drained_suffix: str | None = None, must_start: bool = False,
+                 hint: Callable[[int], str | None] | None = None,
                  tier: int = 0, tail_lines: int = 20, emit: Emit = say):
         self.name = name
         self.argv = argv
         self.env = env
         self.ready_suffix = ready_suffix
         self.probe = probe
+        self.drained_suffix = drained_suffix
+        """A stdout line ending so says the child drained on command: its exit 0 is final."""
+        self.drained = False
         self.must_start = must_start
         """A death before the first readiness is fatal at once (infrastructure, not a stage)."""
         self.hint = hint
@@ -122,6 +128,7 @@ class Child:
         self.ready.clear()
         self.exited.clear()
         self.returncode = None
+        self.drained = False
         self.proc = await asyncio.create_subprocess_exec(
             *self.argv, env=self.env, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -152,6 +159,9 @@ class Child:
             if (self.ready_suffix and stream is self.proc.stdout
                     and text.endswith(self.ready_suffix)):
                 self._mark_ready()
+            if (self.drained_suffix and stream is self.proc.stdout
+                    and text.endswith(self.drained_suffix)):
+                self.drained = True
             self.emit(f"[{self.name}] {text}")
 
     async def _probe(self) -> None:
@@ -252,6 +262,10 @@ class Supervisor:
             if self._stopping:
                 return
             uptime = child.uptime_s
+            if rc == 0 and child.drained:
+                self.emit(f"{child.name} drained and exited (code 0) after {uptime:.1f} s; "
+                          "not restarted")
+                return
             if child.must_start and not child.ever_ready:
                 self._fail(ChildFailed(child, f"exited ({describe_exit(rc)}) after {uptime:.1f} s"
                                               " before it was ready"))

@@ -76,6 +76,7 @@ class Tag(IntEnum):
     CANCEL = 60
     ERROR = 70
     HEARTBEAT = 80
+    DRAIN = 81
     METRIC = 90
 
 
@@ -312,6 +313,8 @@ class ErrorEvent(Frame):
 
 
 class Heartbeat(Frame):
+    """A replica is alive, and how busy it is; also the reply to a ``Drain``."""
+
     TAG = Tag.HEARTBEAT
     worker: str
     stage: str
@@ -319,6 +322,23 @@ class Heartbeat(Frame):
     inflight: int = 0
     draining: bool = False
     interval_s: float = 1.0
+    version: str = ""
+    """The replica's voxbus package version (empty from builds before it was sent)."""
+    capacity: int = Field(default=0, ge=0)
+    """Work items (sessions or requests) the replica takes at once; 0: not declared."""
+    load: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Work in progress over ``capacity``, clamped to 0-1 (0 when no capacity is declared)."""
+
+
+class Drain(Frame):
+    """An operator asks one replica (on ``<p>.ctl.worker.<id>``) to take no new work, finish
+    what it has and exit; it answers with its ``Heartbeat``."""
+
+    TAG = Tag.DRAIN
+    CONTROL = True
+    worker: str
+    """The replica meant (its control subject already names it: a mismatch is refused)."""
+    reason: str = Field(default="operator", max_length=200)
 
 
 class Metric(Frame):
