@@ -249,8 +249,9 @@ class NatsCluster:
 
     def wait_formed(self, timeout: float = 30.0) -> str:
         """Until every running node routes to every other one, all of them name the same
-        JetStream meta leader (returned) and each says it is healthy (``/healthz``: its
-        JetStream has caught up); TimeoutError says what was missing."""
+        JetStream meta leader (returned), each says it is healthy (``/healthz``) and every
+        replicated stream has a running leader and current replicas on the running nodes;
+        TimeoutError says what was missing."""
         deadline = time.monotonic() + timeout
         missing = "nothing checked yet"
         while time.monotonic() < deadline:
@@ -278,9 +279,32 @@ class NatsCluster:
             # Healthy once its JetStream (meta layer, streams, consumers) has caught up.
             if (node.monitor("/healthz") or {}).get("status") != "ok":
                 return f"{node.name} is not healthy yet (JetStream catching up)"
+            if waiting := self._streams_waiting(node, names):
+                return waiting
         if len(leaders) != 1 or not leaders <= names:
             return f"the nodes disagree on the meta leader: {sorted(leaders)}"
         return f"leader {leaders.pop()}"
+
+    @staticmethod
+    def _streams_waiting(node: NatsServer, names: set[str]) -> str:
+        """A stream this node holds that has no living leader yet, or whose leader sees a
+        living replica lagging; empty when there is none (``/healthz`` alone can say ok the
+        moment a restarted node is up, before its streams have been placed again)."""
+        jsz = node.monitor("/jsz?streams=true") or {}
+        for account in jsz.get("account_details") or []:
+            for stream in account.get("stream_detail") or []:
+                cluster = stream.get("cluster") or {}
+                name = stream.get("name")
+                if not cluster:
+                    continue  # a stream of one server
+                if cluster.get("leader") not in names:
+                    return f"stream {name} has no leader among the running nodes"
+                if cluster.get("leader") == node.name:
+                    lagging = [r["name"] for r in cluster.get("replicas") or []
+                               if r.get("name") in names and not r.get("current")]
+                    if lagging:
+                        return f"stream {name}: {', '.join(lagging)} catching up"
+        return ""
 
     def kill(self, index: int) -> NatsServer:
         """SIGKILL one node (its store stays for :meth:`restart`)."""

@@ -155,6 +155,7 @@ class SessionStore:
         retry = WATCH_RETRY_S[0]
         while True:
             if self._watcher is None:
+                self._rewatch.clear()  # a reconnect from here on is one the new watcher missed
                 try:
                     self._watcher = await self.kv.watchall()
                 except Exception as e:  # no quorum yet, or still reconnecting
@@ -165,7 +166,6 @@ class SessionStore:
                     continue
                 log.info("sessions bucket %s: watching it again", self.bucket)
             retry = WATCH_RETRY_S[0]
-            self._rewatch.clear()
             why = await self._mirror(self._watcher)
             log.warning("sessions bucket %s: %s; re-creating its watcher", self.bucket, why)
             watcher, self._watcher = self._watcher, None
