@@ -137,6 +137,11 @@ class StageCall:
                     # (cancelled: the session stopped this turn's work itself, a barge-in)
                     await self._failed(attempt, error)
                     continue
+                if self.winner is None and not error and not item.count and self._running:
+                    # An empty answer while another attempt may still give a real one (an
+                    # endpoint that cut this stream off for the other request): wait for it.
+                    await self._failed(attempt, f"attempt {attempt} answered nothing")
+                    continue
                 await self._win(attempt)
                 self.done = item
             else:

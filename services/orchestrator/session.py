@@ -23,6 +23,7 @@ from pipecat.frames.frames import (
     EndFrame,
     InputAudioRawFrame,
     LLMMessagesAppendFrame,
+    LLMRunFrame,
     TTSSpeakFrame,
 )
 from pipecat.processors.aggregators.llm_context import LLMContext
@@ -106,7 +107,9 @@ class SessionRunner:
         self._dirty = False
         self.context = context = LLMContext(messages=list(resume.messages) if resume else None)
         if resume:
-            self.turn = resume.turn
+            # One turn id past the stored one: the owner that died may have begun a turn it
+            # never saved, and its replies must not share subjects with ours.
+            self.turn = resume.turn + 1
         turn = agent.turn
         turn_stop_s = turn.turn_stop_s or settings.turn_stop_s
         vad_stop_s = turn.vad_stop_s or settings.vad_stop_s
@@ -160,6 +163,9 @@ class SessionRunner:
         await self.pipeline.start()
         if self.resume:
             self.llm.resumed(self.context)
+            # Whatever the previous owner still had running for the session stops.
+            await self.bus.publish(self.subjects.ctl(self.session),
+                                   Cancel(session=self.session, turn=self.resume.turn))
         if self.flow_manager and self._flow:
             if self.resume and self.resume.node:
                 # Carry on at the stored node: its state back, nothing said or done again.
@@ -169,6 +175,11 @@ class SessionRunner:
                 await self.flow_manager.initialize(node)
             else:
                 await self.flow_manager.initialize(self._flow.initial_node)
+        if self.resume and self._unanswered():
+            # The previous owner died (or drained) between the user's words and its answer.
+            log.warning("%s: the user's last turn was not answered before the takeover; "
+                        "answering it", self.session)
+            await self.pipeline.queue(LLMRunFrame())
         sub = self.worker.subscribe
         self._subs = [
             await sub(self.subjects.audio_in(self.session), self._on_audio, expect=AudioIn),
@@ -279,9 +290,15 @@ class SessionRunner:
         await self.pipeline.queue(TTSSpeakFrame(turn.idle_goodbye))
         await self.pipeline.queue(EndFrame())
 
+    def _unanswered(self) -> bool:
+        messages = [m for m in self.context.get_messages() if isinstance(m, dict)]
+        return bool(messages) and messages[-1].get("role") == "user"
+
     def begin_bot_turn(self) -> int:
-        """The user's turn ended and the context goes to the LLM: a new turn id."""
+        """The user's turn ended and the context goes to the LLM: a new turn id (saved, so a
+        replica taking over knows the turn and the words it has to answer)."""
         self.turn += 1
+        self.save_soon()
         self.tool_calls: list[str] = []
         if self._speech_stopped_at is not None:
             eou = (time.monotonic() - self._speech_stopped_at) * 1000

@@ -278,3 +278,31 @@ async def test_hung_tts_replica_is_hedged_by_another(fast, replicas):
         assert retried >= 2, "the frozen replica never got a sentence (20 tries)"
     finally:
         await bus.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "drained"])
+async def test_orchestrator_lost_mid_turn_still_answers_it(fast, replicas, speech_wav, sig):
+    """The orchestrator dies (or drains) between the user's words and its answer: the replica
+    that takes the session over finds the words unanswered in the stored context and answers."""
+    slow = await ScriptedOpenAI(lambda _body: Step(text=ANSWER, delay_s=2.0)).start()
+    services = await in_process(SttWorker(fast), TtsWorker(fast),
+                                LlmWorker(fast, base_url=slow.base_url))
+    doomed = await replicas.start("orchestrator", "doomed")
+    standby = OrchestratorWorker(replace(fast, worker_id="standby"))
+    try:
+        async with Caller(fast, "chat") as caller:  # the session starts on the doomed replica
+            await standby.start()
+            watch = await Watch(caller.bus).start(Stage.LLM, caller.session)
+            start = time.monotonic()
+            caller.say(read_wav(speech_wav))
+            await bounded(watch.got_work.wait(), 40, "the turn's LLM request")
+            doomed.signal(sig)  # the answer is 2 s away at the endpoint
+            await bounded(answered(caller, start), 40, "the answer after the takeover")
+            said = " ".join(h.frame.text for h in caller.frames_of(BotText, start))
+            assert ANSWER in said, said
+            assert caller.session in standby.runners
+            assert [h for h in caller.frames_of(TurnEvent, start) if h.frame.state == "resumed"]
+    finally:
+        await standby.stop()
+        await stop_all(services)
+        await slow.stop()
