@@ -1,4 +1,5 @@
-"""The one entry point: ``voxbus up | talk | record | sessions | replay | token | <stage>``."""
+"""The one entry point: ``voxbus up | talk | record | sessions | replay | token | ctl | control |
+<stage>``."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ def _run_service(name: str) -> int:
         from services.tts.worker import TtsWorker as cls
     elif name == "gateway":
         from services.media_gateway.worker import GatewayWorker as cls
+    elif name == "control":
+        from voxbus.control.service import ControlService as cls
     else:
         from services.orchestrator.worker import OrchestratorWorker as cls
     asyncio.run(run_forever(cls()))
@@ -121,6 +124,40 @@ def _recordings(args) -> int:
     return 3 if args.check and any(r.changed for r in reports) else 0
 
 
+def _add_ctl_parser(sub) -> None:
+    """``voxbus ctl``'s subcommands (here, so that other commands never import gRPC)."""
+    p = sub.add_parser("ctl", help="operate a running voxbus over its gRPC control plane")
+    p.add_argument("--address", help="control service HOST:PORT (default: what voxbus up "
+                                     "wrote, or VOXBUS_CONTROL_ADDRESS)")
+    p.add_argument("--token", help="bearer token (default: VOXBUS_CONTROL_TOKEN, or what voxbus "
+                                   "up wrote)")
+    cmds = p.add_subparsers(dest="ctl_cmd", required=True)
+
+    def command(name: str, help: str):
+        c = cmds.add_parser(name, help=help)
+        c.add_argument("--json", action="store_true", help="JSON instead of a table")
+        return c
+
+    command("sessions", "live sessions")
+    command("session", "one session: its turns' latencies and errors").add_argument("id")
+    command("workers", "replicas with their load").add_argument(
+        "--stage", help="only this stage (stt, llm, tts, orchestrator, gateway, control)")
+    c = command("end", "hang up a session everywhere")
+    c.add_argument("id")
+    c.add_argument("--reason", default="")
+    c = command("drain", "make a replica take no new work, finish and exit")
+    c.add_argument("replica", help="replica id (see voxbus ctl workers)")
+    c.add_argument("--wait", action="store_true", help="return once it has drained or left")
+    c.add_argument("--timeout", type=float, default=60.0, help="how long --wait waits (s)")
+    c = command("watch", "sessions, replicas and errors as they happen")
+    c.add_argument("--current", action="store_true",
+                   help="start with the live sessions and replicas")
+    c.add_argument("--count", type=int, default=0, help="stop after N events")
+    c = command("top", "a live table of replicas and sessions")
+    c.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    c.add_argument("--count", type=int, default=0, help="stop after N refreshes")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="voxbus", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -134,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for name in ("stt", "llm", "tts", "orchestrator", "gateway"):
         sub.add_parser(name, help=f"run one {name} replica (configured by environment)")
+    sub.add_parser("control", help="run the gRPC control plane (VOXBUS_CONTROL_*)")
+    _add_ctl_parser(sub)
 
     p_token = sub.add_parser("token", help="mint a gateway session token (VOXBUS_GATEWAY_SECRET)")
     p_token.add_argument("--agent", default="chat")
@@ -174,6 +213,16 @@ def main(argv: list[str] | None = None) -> int:
                           help="exit 3 when a session changed (for CI)")
 
     args = parser.parse_args(argv)
+    if args.cmd == "ctl":
+        from voxbus.ctl import CtlError, run
+
+        try:
+            return run(args)
+        except CtlError as e:
+            print(f"voxbus ctl: {e}", file=sys.stderr, flush=True)
+            return e.status
+        except KeyboardInterrupt:
+            return 0
     if args.cmd in ("sessions", "record", "replay"):
         from voxbus.errors import VoxbusError
         try:

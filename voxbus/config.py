@@ -49,6 +49,12 @@ def _fail(message: str) -> SettingsError:
     return SettingsError(message)
 
 
+def setting_error(message: str) -> SettingsError:
+    """For a service whose settings conflict in a way only it can tell: the same one line on
+    stderr and exit status 2 as a bad variable (raise what this returns)."""
+    return _fail(message)
+
+
 def _raw(name: str) -> str | None:
     """The variable's value with surrounding spaces dropped; None when unset or blank."""
     raw = os.environ.get(name)
