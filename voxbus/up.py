@@ -1,16 +1,18 @@
 """``voxbus up``: everything on one machine, each stage its own process, as deployed.
 
 The composition only: which children (nats-server, the local LLM endpoint, every stage
-replica), in what order, and what is checked before ``voxbus ready``; keeping them running is
-:mod:`voxbus.supervisor`'s job.
+replica, the control plane), in what order, and what is checked before ``voxbus ready``;
+keeping them running is :mod:`voxbus.supervisor`'s job.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import signal
+import socket
 import sys
 import uuid
 from collections.abc import Callable
@@ -19,9 +21,11 @@ import openai
 
 from voxbus.bus import Bus
 from voxbus.config import Settings
+from voxbus.control.auth import new_token, read_control_file, write_control_file
 from voxbus.llm_server import MODEL_ALIAS, LocalLlmServer, sigill_hint
 from voxbus.natsd import NatsServer, PortTaken, port_in_use
 from voxbus.recording import Recorder
+from voxbus.runner import DRAINED_SUFFIX
 from voxbus.subjects import Subjects
 from voxbus.supervisor import Child, ChildFailed, Supervisor, describe_exit, say
 
@@ -111,6 +115,7 @@ async def up(nats_port: int, http_port: int, scale: dict[str, int] | None = None
         if started:
             print("stopping...", flush=True)
         await sup.stop()
+        _forget_control_file()
         if nats:
             nats.stop()  # removes its temporary JetStream folder
         if started:
@@ -124,6 +129,13 @@ async def _compose(sup: Supervisor, settings: Settings, nats: NatsServer | None,
     if port_in_use(http_port, "127.0.0.1" if host in ("", "0.0.0.0") else host):
         raise UpError(f"port {http_port} is in use by another program: stop it or use "
                       "--http-port N")
+    control_address = _control_address(settings.control_address)
+    env["VOXBUS_CONTROL_ADDRESS"] = control_address
+    env["VOXBUS_CONTROL_TOKEN"] = settings.control_token or new_token()
+    # Written now, so `voxbus ctl` already finds the control plane while models load.
+    control = write_control_file(settings.control_file, address=control_address,
+                                 token=env["VOXBUS_CONTROL_TOKEN"], prefix=settings.prefix,
+                                 tls_cert=settings.control_tls_cert)
     if nats is not None:
         await start_nats(sup, nats)
         env["VOXBUS_NATS_URL"] = nats.url
@@ -144,12 +156,12 @@ async def _compose(sup: Supervisor, settings: Settings, nats: NatsServer | None,
     env["VOXBUS_HTTP_PORT"] = str(http_port)
 
     stages = []
-    for stage in STAGES:
-        for n in range(1, scale[stage] + 1):
+    for stage in (*STAGES, "control"):
+        for n in range(1, scale.get(stage, 1) + 1):
             replica = dict(env, VOXBUS_WORKER_ID=f"{n}-{uuid.uuid4().hex[:6]}")
             stages.append(await sup.start(Child(
                 f"{stage}-{n}", [sys.executable, "-m", "voxbus.cli", stage], env=replica,
-                ready_suffix=" ready", tier=2)))
+                ready_suffix=" ready", drained_suffix=DRAINED_SUFFIX, tier=2)))
     print("loading models...", flush=True)
     # The stages load their models meanwhile: the check costs no start-up time.
     await sup.guard(check_endpoint(env["OPENAI_BASE_URL"], env.get("OPENAI_API_KEY", "sk-local"),
@@ -167,10 +179,42 @@ async def _compose(sup: Supervisor, settings: Settings, nats: NatsServer | None,
                       "above)") from None
     host = "127.0.0.1" if host in ("", "0.0.0.0") else host
     url = env["VOXBUS_NATS_URL"]
+    scheme = "grpcs" if settings.control_tls_cert else "grpc"
+    print(f"control plane on {scheme}://{control_address} (token in {control}): "
+          "voxbus ctl top", flush=True)
     print(f"voxbus ready: open http://{host}:{http_port}/  nats={url} "
           f"(or: voxbus talk some.wav --nats {url})", flush=True)
     on_ready()
     await sup.guard(asyncio.Event().wait())  # until a child fails or a signal cancels us
+
+
+def _control_address(address: str) -> str:
+    """The control plane's address with a real port (port 0: a free one picked now, so that
+    ``voxbus ctl`` can be told it); UpError when the port is taken."""
+    host, _, port = address.rpartition(":")
+    probe_host = host.strip("[]")
+    if probe_host in ("", "0.0.0.0", "::"):
+        probe_host = "127.0.0.1"
+    if int(port) == 0:
+        with socket.socket() as s:
+            s.bind((probe_host, 0))
+            return f"{host}:{s.getsockname()[1]}"
+    if port_in_use(int(port), probe_host):
+        raise UpError(f"port {port} (the control plane's) is in use by another program: stop "
+                      "it or set VOXBUS_CONTROL_ADDRESS=HOST:PORT")
+    return address
+
+
+def _forget_control_file() -> None:
+    """The token of a control plane that is gone is no use to ``voxbus ctl``: remove the file
+    if this ``voxbus up`` wrote it (another one may have written it since)."""
+    try:
+        path = Settings().control_file
+    except SystemExit:
+        return
+    if read_control_file(path).get("pid") == os.getpid():
+        with contextlib.suppress(OSError):
+            os.remove(path)
 
 
 async def start_nats(sup: Supervisor, nats: NatsServer) -> None:
