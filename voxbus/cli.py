@@ -79,7 +79,8 @@ def _recordings(args) -> int:
             async with recording.Recorder(args.nats, settings.prefix) as rec:
                 if args.enable:
                     await rec.enable(max_age_s=settings.record_max_age_s,
-                                     max_bytes=settings.record_max_bytes)
+                                     max_bytes=settings.record_max_bytes,
+                                     replicas=settings.js_replicas)
                     print(f"recording sessions of prefix {settings.prefix!r} in {rec.stream}")
                 return await rec.export(args.session) if args.session else None
 

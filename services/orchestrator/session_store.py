@@ -33,6 +33,9 @@ from voxbus.subjects import Subjects
 log = logging.getLogger("voxbus.orchestrator.store")
 
 RECORD_VERSION = 1
+SAVE_ATTEMPTS = 6
+SAVE_RETRY_S = 0.5
+"""A save waits out a JetStream leader election (about 5 s) before it gives up."""
 OPEN_WAIT_S = 30.0
 """How long ``open`` waits for JetStream to answer (a cluster electing leaders)."""
 WATCH_CHECK_S = 5.0
@@ -230,11 +233,19 @@ class SessionStore:
     async def save(self, record: SessionRecord, revision: int) -> int:
         """Write if nobody else has since ``revision``; :class:`Fenced` otherwise."""
         record = record.model_copy(update={"updated_us": now_us()})
-        try:
-            return await self.kv.update(record.session, record.model_dump_json().encode(),
-                                        last=revision)
-        except KeyWrongLastSequenceError:
-            raise Fenced(f"session {record.session} was taken over") from None
+        for attempt in range(SAVE_ATTEMPTS):
+            try:
+                return await self.kv.update(record.session, record.model_dump_json().encode(),
+                                            last=revision)
+            except KeyWrongLastSequenceError:
+                raise Fenced(f"session {record.session} was taken over") from None
+            except NoStreamResponseError:
+                # No stream leader (a node was lost and JetStream is electing one): nothing
+                # was stored, so the same compare-and-set still holds; try it again shortly.
+                if attempt + 1 == SAVE_ATTEMPTS:
+                    raise
+                await asyncio.sleep(SAVE_RETRY_S * (attempt + 1))
+        raise AssertionError("unreachable")
 
     async def adopt(self, session: str, owner: str) -> tuple[SessionRecord, int] | None:
         """Make ``owner`` the owner of an orphaned session; None if another replica won."""
