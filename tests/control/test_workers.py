@@ -55,7 +55,8 @@ async def test_list_workers_shows_load_capacity_and_version(fast, control, api, 
                 done.set_result(frame)
 
         sub = await bus.subscribe(reply, on_reply)
-        await idle.drain()  # so the queue group can only hand it to the busy one
+        await idle.drain()  # so the queue group can only hand it to the busy one,
+        await idle.bus.nc.flush()  # once the server has its unsubscribe
         await bus.publish(bus.subjects.work(Stage.LLM), request(1), reply=reply)
         loaded = await until(lambda: _loaded(workers(api), "llm-busy"),
                              "the busy replica's heartbeat shows its request")
