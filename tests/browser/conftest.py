@@ -20,10 +20,12 @@ HAVE_CHROMIUM = os.path.exists(CHROMIUM)
 
 
 @pytest.fixture
-def voxbus_up(nats_server, llm_endpoint, prefix):
+def voxbus_up(nats_server, llm_endpoint, prefix, tmp_path):
     """The page's URL of a running ``voxbus up`` (sharing the session's NATS and LLM endpoint)."""
     env = dict(os.environ, VOXBUS_NATS_URL=nats_server.url, OPENAI_BASE_URL=llm_endpoint,
-               VOXBUS_LLM_MODEL="smollm2", VOXBUS_PREFIX=prefix)
+               VOXBUS_LLM_MODEL="smollm2", VOXBUS_PREFIX=prefix,
+               VOXBUS_CONTROL_ADDRESS="127.0.0.1:0",
+               VOXBUS_CONTROL_FILE=str(tmp_path / "control.json"))
     proc = subprocess.Popen([sys.executable, "-m", "voxbus.cli", "up", "--http-port",
                              str(free_port())], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)

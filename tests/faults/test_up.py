@@ -106,11 +106,14 @@ class Up:
 
 
 @pytest.fixture
-def up_env(prefix):
-    """The environment of a ``voxbus up`` that starts its own NATS and LLM endpoint."""
+def up_env(prefix, tmp_path):
+    """The environment of a ``voxbus up`` that starts its own NATS and LLM endpoint (its
+    control plane on a free port, its token file in the test's folder)."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("VOXBUS_NATS_URL", "OPENAI_BASE_URL", "VOXBUS_LLM_MODEL")}
-    return dict(env, VOXBUS_PREFIX=prefix, VOXBUS_LOG_LEVEL="INFO", PYTHONUNBUFFERED="1")
+    return dict(env, VOXBUS_PREFIX=prefix, VOXBUS_LOG_LEVEL="INFO", PYTHONUNBUFFERED="1",
+                VOXBUS_CONTROL_ADDRESS="127.0.0.1:0",
+                VOXBUS_CONTROL_FILE=str(tmp_path / "control.json"))
 
 
 @pytest.fixture
