@@ -190,7 +190,7 @@ class Bus:
         (NATS then never says "no responders"); the copy has no reply subject and nobody acts
         on it, so only the session's recording sees it.
         """
-        stage = self._work_stages.get(subject)
+        stage = self._work_stages.get(subject) or self._work_stages.get(subject.rsplit(".", 1)[0])
         session = getattr(frame, "session", None)
         if stage is None or not isinstance(session, str):
             return

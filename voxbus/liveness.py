@@ -17,6 +17,7 @@ class Seen:
     at: float
     sessions: set[str] = field(default_factory=set)
     draining: bool = False
+    stage: str = ""
 
 
 class Liveness:
@@ -53,7 +54,8 @@ class Liveness:
 
     async def _on_heartbeat(self, frame: Frame, _msg: Msg) -> None:
         if isinstance(frame, Heartbeat):
-            self.seen[frame.worker] = Seen(time.monotonic(), set(frame.sessions), frame.draining)
+            self.seen[frame.worker] = Seen(time.monotonic(), set(frame.sessions), frame.draining,
+                                           frame.stage)
 
     @property
     def warm(self) -> bool:
@@ -63,6 +65,14 @@ class Liveness:
     def alive(self, worker: str) -> bool:
         seen = self.seen.get(worker)
         return seen is not None and time.monotonic() - seen.at < self.lease_s
+
+    def freshest(self, stage: Stage) -> str | None:
+        """The replica of ``stage`` heard from most recently (not draining): a frozen or dead
+        replica stops heartbeating at once, so it is never this one for long."""
+        now = time.monotonic()
+        live = [(s.at, w) for w, s in self.seen.items()
+                if s.stage == Stage(stage).value and not s.draining and now - s.at < self.lease_s]
+        return max(live)[1] if live else None
 
     def serving(self, worker: str, session: str) -> bool:
         seen = self.seen.get(worker)

@@ -103,6 +103,10 @@ class Service:
         queue = self.subjects.queue_group(self.stage) if work else ""
         sub = await self.bus.subscribe(subject, handler, queue=queue, expect=expect)
         (self._work_subs if work else self._subs).append(sub)
+        if work and subject == self.subjects.work(self.stage):
+            # This replica's own work subject too: callers retry here, by name.
+            self._work_subs.append(await self.bus.subscribe(
+                self.subjects.work_direct(self.stage, self.worker_id), handler, expect=expect))
         return sub
 
     def spawn(self, coro, *, name: str | None = None) -> asyncio.Task:

@@ -69,7 +69,7 @@ class StageCall:
 
     def __init__(self, bus: Bus, stage: Stage, request: Frame, *,
                  policy: CallPolicy | None = None, reply: Callable[[int], str] | None = None,
-                 first_attempt: int = 0):
+                 first_attempt: int = 0, retry_to: Callable[[], str | None] | None = None):
         self.bus = bus
         self.stage = Stage(stage)
         self.request = request
@@ -84,6 +84,9 @@ class StageCall:
         self._running: set[int] = set()
         """Attempts a replica may still be working on (no terminal frame seen)."""
         self.sent = 0
+        self._retry_to = retry_to
+        """Names the replica a retry goes to (the one heard from last); None: the queue group,
+        which may pick the very replica that did not answer."""
         self._base = first_attempt
         """Attempt numbers start here: a caller that calls again for the same request (to
         resume a reply that broke part-way) gets reply subjects the first call never used."""
@@ -182,7 +185,11 @@ class StageCall:
         request = self.request
         if "attempt" in type(request).model_fields:
             request = request.model_copy(update={"attempt": attempt})
-        await self.bus.publish(self.bus.subjects.work(self.stage), request, reply=subject)
+        target = self.bus.subjects.work(self.stage)
+        worker = self._retry_to() if self._retry_to and self.sent > 1 else None
+        if worker:
+            target = self.bus.subjects.work_direct(self.stage, worker)
+        await self.bus.publish(target, request, reply=subject)
 
     def _budget(self) -> float:
         now = time.monotonic()

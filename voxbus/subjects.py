@@ -9,6 +9,7 @@ Layout (``<p>`` is the deployment prefix, ``vox`` by default)::
     <p>.sess.<session>.reply.<stage>.<turn>.<index>[.r<attempt>]   one request's streamed reply
     <p>.sess.<session>.work.<stage>      copies of the session's work requests, for its recording
     <p>.work.<stage>                     work requests; queue group = stage name
+    <p>.work.<stage>.<worker>            work requests for one replica (retries)
     <p>.hb.<stage>                       worker heartbeats
     <p>.ctl.worker.<worker>              one replica's control subject (Drain)
     <p>.err                              errors not tied to a session
@@ -105,6 +106,11 @@ class Subjects:
     # stages
     def work(self, stage: Stage) -> str:
         return f"{self.prefix}.work.{Stage(stage).value}"
+
+    def work_direct(self, stage: Stage, worker: str) -> str:
+        """One replica's own work subject: a retry is sent here, to a replica known to be
+        alive, instead of to the queue group (which may pick the one that did not answer)."""
+        return f"{self.work(stage)}.{_token(worker, 'worker id')}"
 
     def queue_group(self, stage: Stage) -> str:
         return f"{self.prefix}-{Stage(stage).value}"

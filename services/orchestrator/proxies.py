@@ -134,7 +134,8 @@ class RemoteTTS(TTSService):
             skip = played
             try:
                 async with StageCall(self.s.bus, Stage.TTS, request, policy=self.s.worker.policy,
-                                     first_attempt=first_attempt) as call:
+                                     first_attempt=first_attempt,
+                                     retry_to=self.s.retry_target(Stage.TTS)) as call:
                     async for item in call:
                         if not isinstance(item, TtsAudio):
                             continue

@@ -73,6 +73,7 @@ class BusCompletionStream:
         self.turn = request.turn
         subjects = runner.subjects
         self.call = StageCall(runner.bus, Stage.LLM, request, policy=runner.worker.policy,
+                              retry_to=runner.retry_target(Stage.LLM),
                               reply=lambda attempt: subjects.reply(
                                   request.session, Stage.LLM, request.turn, index, attempt))
         self.produced = False

@@ -336,6 +336,11 @@ class SessionRunner:
         STAGE_ERRORS.labels(stage.value, code).inc()
         await self.report(code, f"turn {turn}: {error}")
 
+    def retry_target(self, stage: Stage):
+        """For a stage call's retry: the replica of ``stage`` heard from most recently."""
+        liveness = self.worker.liveness
+        return (lambda: liveness.freshest(stage)) if liveness else None
+
     def owes_fallback(self, turn: int) -> bool:
         """True once per turn: the turn failed and the user has not heard the fallback yet."""
         if self._fallback_said_in == turn:
@@ -367,7 +372,8 @@ class SessionRunner:
                              text=self.agent.fallback_line, voice=self.agent.voice)
         pcm, rate = bytearray(), WIRE_RATE
         try:
-            async with StageCall(self.bus, Stage.TTS, request, policy=self.worker.policy) as call:
+            async with StageCall(self.bus, Stage.TTS, request, policy=self.worker.policy,
+                                 retry_to=self.retry_target(Stage.TTS)) as call:
                 async for item in call:
                     if isinstance(item, TtsAudio):
                         pcm += item.pcm

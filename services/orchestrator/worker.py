@@ -58,7 +58,7 @@ class OrchestratorWorker(Service):
         self.bus.on_reconnected(self.store.resync)  # its watcher may have been on a lost node
         # Liveness registers its own: after our outage it listens a lease before judging.
         self.liveness = await Liveness(self.bus, self.settings.lease_s).watch(
-            Stage.ORCHESTRATOR, Stage.STT)
+            Stage.ORCHESTRATOR, Stage.STT, Stage.LLM, Stage.TTS)
         await self.subscribe(self.subjects.work(self.stage), self._on_start_session, work=True)
         self.spawn(self._adopt_orphans(), name=f"{self.worker_id}-adopt")
         self.spawn(self._watch_stt(), name=f"{self.worker_id}-stt-watch")

@@ -25,6 +25,7 @@ from tests.faults.replicas import FAST_HEARTBEAT_S, FAST_LEASE_S, Replicas
 from tests.scripted_openai import ScriptedOpenAI, Step
 from voxbus.audio import read_wav
 from voxbus.bus import Bus
+from voxbus.liveness import Liveness
 from voxbus.stage_call import CallPolicy, StageCall
 from voxbus.subjects import Stage, Subjects
 from voxbus.wire import (
@@ -262,14 +263,18 @@ async def test_hung_tts_replica_is_hedged_by_another(fast, replicas):
     """One of two TTS replicas is frozen (SIGSTOP: still subscribed, never answering). Each
     sentence that lands on it is asked of the other after the first-frame deadline."""
     ttss = [await replicas.start("tts", w) for w in ("a", "b")]
-    ttss[0].signal(signal.SIGSTOP)
     bus = await Bus.connect(fast.nats_url, Subjects(fast.prefix), "test")
+    liveness = await Liveness(bus, fast.lease_s).watch(Stage.TTS)
+    await asyncio.sleep(fast.heartbeat_s * 3)
+    ttss[0].signal(signal.SIGSTOP)
+    await asyncio.sleep(fast.heartbeat_s * 3)  # the frozen one's heartbeat is the older now
     policy = CallPolicy(first_frame_s=0.5, give_up_s=30)  # about hedging, not speed
     retried = 0
     try:
         for i in range(20):
             request = TtsRequest(session="hedge", turn=i + 1, index=0, text="One moment.")
-            async with StageCall(bus, Stage.TTS, request, policy=policy) as call:
+            async with StageCall(bus, Stage.TTS, request, policy=policy,
+                                 retry_to=lambda: liveness.freshest(Stage.TTS)) as call:
                 audio = [f async for f in call if isinstance(f, TtsAudio)]
             assert audio and not call.done.error, f"sentence {i} unanswered: {call.errors}"
             retried += call.retried
@@ -277,6 +282,7 @@ async def test_hung_tts_replica_is_hedged_by_another(fast, replicas):
                 break
         assert retried >= 2, "the frozen replica never got a sentence (20 tries)"
     finally:
+        await liveness.close()
         await bus.close()
 
 
