@@ -291,6 +291,11 @@ class Settings:
     llm_model: str = field(default_factory=lambda: _env("VOXBUS_LLM_MODEL", "smollm2"))
     llm_max_tokens: int = field(default_factory=lambda: _int(
         "VOXBUS_LLM_MAX_TOKENS", 80, minimum=1, what="a whole number of tokens, 1 or more"))
+    llm_context_chars: int = field(default_factory=lambda: _int(
+        "VOXBUS_LLM_CONTEXT_CHARS", 6000, minimum=500,
+        what="a whole number of characters, 500 or more"))
+    """The newest part of a conversation sent to the LLM (with the system prompt), in JSON
+    characters (~4 per token): long sessions stay as fast as short ones."""
     llm_temperature: float = field(default_factory=lambda: _number(
         "VOXBUS_LLM_TEMPERATURE", 0.3, minimum=0.0, maximum=2.0, what="a number from 0 to 2"))
 

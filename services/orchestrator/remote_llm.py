@@ -24,6 +24,7 @@ from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.services.openai.llm import OpenAILLMService
 from pipecat.utils.types import assert_given
 
+from services.orchestrator.context_window import recent
 from services.orchestrator.metrics import FALLBACKS
 from voxbus.errors import StageFailed, StageUnavailable
 from voxbus.stage_call import StageCall
@@ -142,7 +143,8 @@ class RemoteLLM(OpenAILLMService):
         params = await self.get_llm_adapter().get_llm_invocation_params(
             context, system_instruction=assert_given(self._settings.system_instruction),
             convert_developer_to_user=not self.supports_developer_role)
-        messages = _plain(list(params["messages"]))
+        messages = recent(_plain(list(params["messages"])),
+                          self.s.worker.settings.llm_context_chars)
         # A completion after new user words starts a bot turn; one after tool results or a
         # flow transition continues the current one.
         user_messages = _user_messages(context)
