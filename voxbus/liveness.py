@@ -66,6 +66,12 @@ class Liveness:
         seen = self.seen.get(worker)
         return seen is not None and time.monotonic() - seen.at < self.lease_s
 
+    def replicas(self, stage: Stage) -> int:
+        """Live replicas of ``stage`` that take work (heard within a lease, not draining)."""
+        now = time.monotonic()
+        return sum(1 for s in self.seen.values() if s.stage == Stage(stage).value
+                   and not s.draining and now - s.at < self.lease_s)
+
     def freshest(self, stage: Stage) -> str | None:
         """The replica of ``stage`` heard from most recently (not draining): a frozen or dead
         replica stops heartbeating at once, so it is never this one for long."""

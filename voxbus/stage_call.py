@@ -69,7 +69,8 @@ class StageCall:
 
     def __init__(self, bus: Bus, stage: Stage, request: Frame, *,
                  policy: CallPolicy | None = None, reply: Callable[[int], str] | None = None,
-                 first_attempt: int = 0, retry_to: Callable[[], str | None] | None = None):
+                 first_attempt: int = 0, retry_to: Callable[[], str | None] | None = None,
+                 can_hedge: Callable[[], bool] | None = None):
         self.bus = bus
         self.stage = Stage(stage)
         self.request = request
@@ -87,6 +88,9 @@ class StageCall:
         self._retry_to = retry_to
         """Names the replica a retry goes to (the one heard from last); None: the queue group,
         which may pick the very replica that did not answer."""
+        self._can_hedge = can_hedge
+        """Whether a slow first attempt is worth a second one now (False with one replica:
+        the copy would queue behind the original at the same replica, doubling its load)."""
         self._base = first_attempt
         """Attempt numbers start here: a caller that calls again for the same request (to
         resume a reply that broke part-way) gets reply subjects the first call never used."""
@@ -196,7 +200,7 @@ class StageCall:
         p = self.policy
         if self.winner is not None:
             return max(0.0, self._last_frame_at + p.stall_s - now)
-        if self.sent < p.attempts:
+        if self.sent < p.attempts and self._hedging():
             return max(0.0, self.started + p.first_frame_s - now)
         return max(0.0, self.started + p.give_up_s - now)
 
@@ -205,7 +209,7 @@ class StageCall:
         if self.winner is not None:
             raise StageFailed(f"{self.stage} reply stalled: nothing for {p.stall_s:g} s "
                               f"(session {self.session} turn {self.turn})")
-        if self.sent < p.attempts:
+        if self.sent < p.attempts and self._hedging():
             log.warning("%s turn %d: no %s frame within %.1f s; asking another replica",
                         self.session, self.turn, self.stage, p.first_frame_s)
             RETRIES.labels(self.stage.value, "deadline").inc()
@@ -213,6 +217,9 @@ class StageCall:
             return
         raise StageUnavailable(f"no {self.stage} reply within {p.give_up_s:g} s from "
                                f"{self.sent} replica(s) (session {self.session} turn {self.turn})")
+
+    def _hedging(self) -> bool:
+        return self._can_hedge is None or self._can_hedge()
 
     async def _failed(self, attempt: int, reason: str, *, unavailable: bool = False) -> None:
         """One attempt is over without an answer; try the next, or fail if none is left."""

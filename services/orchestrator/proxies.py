@@ -135,7 +135,8 @@ class RemoteTTS(TTSService):
             try:
                 async with StageCall(self.s.bus, Stage.TTS, request, policy=self.s.worker.policy,
                                      first_attempt=first_attempt,
-                                     retry_to=self.s.retry_target(Stage.TTS)) as call:
+                                     retry_to=self.s.retry_target(Stage.TTS),
+                                     can_hedge=self.s.hedge_when(Stage.TTS)) as call:
                     async for item in call:
                         if not isinstance(item, TtsAudio):
                             continue

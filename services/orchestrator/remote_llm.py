@@ -75,6 +75,7 @@ class BusCompletionStream:
         subjects = runner.subjects
         self.call = StageCall(runner.bus, Stage.LLM, request, policy=runner.worker.policy,
                               retry_to=runner.retry_target(Stage.LLM),
+                              can_hedge=runner.hedge_when(Stage.LLM),
                               reply=lambda attempt: subjects.reply(
                                   request.session, Stage.LLM, request.turn, index, attempt))
         self.produced = False

@@ -341,6 +341,11 @@ class SessionRunner:
         liveness = self.worker.liveness
         return (lambda: liveness.freshest(stage)) if liveness else None
 
+    def hedge_when(self, stage: Stage):
+        """A slow call is hedged only when another replica of ``stage`` is alive to take it."""
+        liveness = self.worker.liveness
+        return (lambda: liveness.replicas(stage) > 1) if liveness else None
+
     def owes_fallback(self, turn: int) -> bool:
         """True once per turn: the turn failed and the user has not heard the fallback yet."""
         if self._fallback_said_in == turn:
