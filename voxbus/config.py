@@ -292,7 +292,7 @@ class Settings:
     llm_max_tokens: int = field(default_factory=lambda: _int(
         "VOXBUS_LLM_MAX_TOKENS", 80, minimum=1, what="a whole number of tokens, 1 or more"))
     llm_context_chars: int = field(default_factory=lambda: _int(
-        "VOXBUS_LLM_CONTEXT_CHARS", 6000, minimum=500,
+        "VOXBUS_LLM_CONTEXT_CHARS", 3000, minimum=500,
         what="a whole number of characters, 500 or more"))
     """The newest part of a conversation sent to the LLM (with the system prompt), in JSON
     characters (~4 per token): long sessions stay as fast as short ones."""
