@@ -5,6 +5,8 @@ from prometheus_client import Counter
 STAGE_ERRORS = Counter("voxbus_stage_errors_total",
                        "Stage calls a session could not get done, by stage and code",
                        ["stage", "code"])
+STT_HANDOVERS = Counter("voxbus_stt_handovers_total",
+                        "Sessions handed to another STT replica (the claimed one died or drained)")
 FALLBACKS = Counter("voxbus_fallback_lines_total",
                     "Turns answered with the agent's fallback line, by the stage that failed",
                     ["stage"])

@@ -15,6 +15,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
+from services.orchestrator.metrics import STT_HANDOVERS
 from voxbus.errors import VoxbusError
 from voxbus.liveness import Liveness
 from voxbus.stage_call import ask
@@ -47,7 +48,6 @@ class SttLink:
         """Seq where speech no transcript has covered yet begins (with pre-roll); None: all
         that was said is transcribed."""
         self.speaking = False
-        self.handovers = 0
         self._deadline: asyncio.Task | None = None
         self._moving = False
         self._unavailable = False
@@ -117,7 +117,7 @@ class SttLink:
         self._moving = True
         try:
             await self.claim(handover=True)
-            self.handovers += 1
+            STT_HANDOVERS.inc()
             log.warning("%s: STT replica %s %s; %s took the session over", self.r.session, gone,
                         why, self.worker)
             if self.untranscribed_from is not None and not self.speaking:
