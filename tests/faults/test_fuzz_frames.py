@@ -368,6 +368,8 @@ async def test_session_subjects_survive_fuzz(gateway, stages, bus, speech_wav):
         assert gateway.peers[session].outbound.queued_s < 1  # the flush dropped the 31 s
         assert await client.wait_for(lambda c: any(
             e["type"] == "error" and e.get("code") == "bad_frame" for e in c.events), 10)
+        # The data channel delivers in order but not at once: wait for the transcripts too.
+        await client.wait_for(lambda c: any(e["type"] == "transcript" for e in c.events), 10)
         texts = [e["text"] for e in client.events if e["type"] == "transcript"]
         assert texts and max(map(len, texts)) <= 4001
 
