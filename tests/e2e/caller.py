@@ -15,9 +15,22 @@ from voxbus.audio import WIRE_RATE, frames
 from voxbus.bus import Bus, now_us
 from voxbus.stage_call import ask
 from voxbus.subjects import Stage, Subjects
-from voxbus.wire import AudioFlush, AudioIn, AudioOut, Frame, SessionStart
+from voxbus.wire import (
+    AudioFlush,
+    AudioIn,
+    AudioOut,
+    BotText,
+    Cancel,
+    ErrorEvent,
+    Frame,
+    SessionStart,
+    Transcript,
+    TurnEvent,
+    VadEvent,
+)
 
 FRAME_BYTES = 640
+SAID = (Transcript, BotText, TurnEvent, VadEvent, ErrorEvent, AudioFlush, Cancel)
 
 
 @dataclass
@@ -91,12 +104,19 @@ class Caller:
     def frames_of(self, kind: type, since: float = 0.0) -> list[Heard]:
         return [h for h in self.heard if isinstance(h.frame, kind) and h.at >= since]
 
-    async def wait_for(self, predicate, timeout: float, what: str) -> Heard:
+    async def wait_for(self, predicate, timeout: float, what: str, since: float = 0.0) -> Heard:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for h in self.heard:
-                if predicate(h.frame):
+                if h.at >= since and predicate(h.frame):
                     return h
             await asyncio.sleep(0.05)
         raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; heard "
-                             f"{sorted({type(h.frame).__name__ for h in self.heard})}")
+                             f"{sorted({type(h.frame).__name__ for h in self.heard})}; "
+                             f"said: {self.said()}")
+
+    def said(self) -> list[str]:
+        """What was said and decided, in order: the first thing to read when a wait times out."""
+        t0 = self.heard[0].at if self.heard else 0.0
+        return [f"{h.at - t0:.1f}s {type(h.frame).__name__} {h.frame.model_dump(exclude={'pcm'})}"
+                for h in self.heard if isinstance(h.frame, SAID)]

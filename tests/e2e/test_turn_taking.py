@@ -139,10 +139,18 @@ async def test_silent_user_is_prompted_then_hung_up_on(system, speak):
 
 
 def humming(speech: bytes) -> bytes:
-    """A hum with the rhythm of speech: Silero hears a voice, Whisper hears no words."""
+    """A hum with the rhythm of speech: Silero hears a voice, Whisper hears no words.
+
+    A voiced-like tone (150 Hz and four overtones) under the speech's envelope. Measured over
+    150 pauses before it, Silero starts on it every time (a pure tone missed 1 in 10, as its
+    state after the question varied); Whisper's no-speech probability stays at 0.92 or more
+    on any slice of it, far above the 0.6 that keeps words.
+    """
     x = np.frombuffer(speech, "<i2").astype(np.float64)
     envelope = np.sqrt(np.convolve(x ** 2, np.ones(160) / 160, "same"))[:32000]
-    tone = np.sin(2 * np.pi * 180 * np.arange(envelope.size) / 16000)
+    phase = 2 * np.pi * 150 * np.arange(envelope.size) / 16000
+    tone = sum(np.sin(k * phase) / k for k in range(1, 6))
+    tone /= np.sqrt(2 * np.mean(tone ** 2))  # a pure sine's loudness
     return np.clip(tone * envelope * 2.4, -32768, 32767).astype("<i2").tobytes()
 
 
@@ -158,7 +166,8 @@ async def test_false_interruption_recovery(system, speak, agent):
         await asyncio.sleep(1.5)
         hummed = time.monotonic()
         caller.say(hum)
-        await caller.wait_for(lambda f: isinstance(f, AudioFlush), 10, "the interruption")
+        await caller.wait_for(lambda f: isinstance(f, AudioFlush), 10, "the interruption",
+                              since=hummed)
         if agent == "eager":  # the default: the agent picks up where it was cut off
             await caller.wait_for(lambda f: isinstance(f, BotText) and f.text == RESUMED, 20,
                                   "the agent resuming")
