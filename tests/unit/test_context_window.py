@@ -38,3 +38,20 @@ def test_a_tool_result_never_goes_without_its_call():
 def test_the_newest_message_always_goes():
     huge = {"role": "user", "content": "w" * 10_000}
     assert recent([SYSTEM, *turns(5), huge], 600) == [SYSTEM, huge]
+
+
+def test_the_cut_moves_in_half_budget_steps_so_a_prompt_cache_keeps_hitting():
+    """Growing a conversation turn by turn, the first message sent changes about once per
+    half budget of new text (not every turn), and what is sent stays within the budget."""
+    budget, conversation, firsts, sizes = 2000, [SYSTEM], [], []
+    for pair in (turns(60)[i:i + 2] for i in range(0, 120, 2)):
+        conversation += pair[:1]  # the question is asked: a completion is requested
+        sent = recent(conversation, budget)
+        firsts.append(sent[1]["content"])
+        sizes.append(sum(len(str(m)) for m in sent[1:]))
+        conversation += pair[1:]
+    changes = sum(a != b for a, b in zip(firsts, firsts[1:], strict=False))
+    growth = sum(len(str(m)) for m in conversation[1:])
+    assert 0 < changes <= growth // (budget // 2) + 1
+    assert changes < len(firsts) // 3  # one turn at a time would change it on nearly every turn
+    assert max(sizes) <= budget + 100 and min(sizes[20:]) >= budget // 2 - 300
