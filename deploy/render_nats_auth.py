@@ -13,9 +13,9 @@ Compose and Kubernetes run the first form in the voxbus image before each NATS n
 (``deploy/compose/compose.yaml``: the ``nats-auth`` one-shot; ``deploy/k8s/nats.yaml``: an init
 container), writing ``auth/auth.conf`` beside ``nats.conf``, which includes it.
 
-What ``voxbus.nats_auth`` must provide: ``permissions(role, prefix)`` returning the NATS
-permissions of one role, ``{"publish": {"allow": [...]}, "subscribe": {"allow": [...]}}`` (any
-keys nats-server's ``permissions`` accepts), for every role in :data:`ROLES`.
+It uses ``voxbus.nats_auth.permissions(role, prefix)`` for every role in
+``voxbus.nats_auth.ROLES``; compose.yaml and k8s/nats.yaml pass each of those roles' password
+variable to the NATS nodes (:data:`ROLES` here is that list, checked against the module).
 """
 
 from __future__ import annotations
@@ -55,6 +55,11 @@ def render(prefix: str) -> str:
             f"render_nats_auth: voxbus.nats_auth is not importable ({e}); the per-role "
             "permissions come from it, and this deployment refuses to start NATS without "
             "them") from None
+    if tuple(nats_auth.ROLES) != ROLES:
+        raise SystemExit(
+            f"render_nats_auth: voxbus.nats_auth has roles {', '.join(nats_auth.ROLES)}; this "
+            f"deployment knows {', '.join(ROLES)}: add the new role's password variable to "
+            "deploy/compose/compose.yaml and deploy/k8s/nats.yaml, then to ROLES here")
     users = []
     for role in ROLES:
         perms = nats_auth.permissions(role, prefix)
