@@ -584,6 +584,15 @@ def test_kubectl_kustomize_builds():
         cm["metadata"]["name"]
 
 
+def test_k8s_manifests_validate_against_the_kubernetes_schemas():
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate not installed "
+                             "(its schemas are the check; the required fields are checked above)")
+    docs = [{k: v for k, v in d.items() if k != "_file"} for d in k8s_docs()]
+    docs += load_yaml_all(ADAPTER / "config.yaml")
+    for doc in docs:
+        kv.validate(doc, "1.30.0", strict=True)  # raises on a misplaced or unknown field
+
+
 # --- the image ----------------------------------------------------------------------------
 
 def test_dockerfile_installs_the_readme_way():
