@@ -7,10 +7,12 @@ decode, or a handler that raises, is logged with its subject and reported as an 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -19,6 +21,8 @@ from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
+from voxbus import nats_auth
+from voxbus.config import NatsAuth
 from voxbus.errors import StageUnavailable, VoxbusError
 from voxbus.subjects import Event, Stage, Subjects
 from voxbus.wire import ErrorEvent, Frame, WireError, decode, encode
@@ -55,6 +59,10 @@ class _ConnectionLog:
         self.connected = False
         self.last_error = ""
         self.last_server = ""
+        self.refused = asyncio.Event()
+        self.refusal = ""
+        """Set when the server refused who we are (Authorization Violation) before we were
+        ever connected: retrying with the same credentials cannot help."""
         self.on_reconnected: list[Callable[[], None]] = []
         """Told when the connection is back (see :meth:`Bus.on_reconnected`)."""
 
@@ -67,6 +75,9 @@ class _ConnectionLog:
 
     async def error(self, e: Exception) -> None:
         text = _describe(e)
+        if not self.connected and _refusal(text) and not self.refused.is_set():
+            self.refusal = text
+            self.refused.set()
         if text != self.last_error and self.connected:  # the first connection raises instead
             log.warning("%s: NATS at %s: %s", self.service, self._server(), text)
         self.last_error = text
@@ -89,6 +100,55 @@ def _describe(e: BaseException) -> str:
     if isinstance(e, ConnectionRefusedError):
         return "connection refused"
     return str(e) or type(e).__name__
+
+
+def _refusal(text: str) -> bool:
+    lowered = text.lower()
+    return "authorization violation" in lowered or "authentication" in lowered
+
+
+class NatsRefused(ConnectionError):
+    """The server answered and refused the connection's credentials (or their absence)."""
+
+
+CREDENTIALS_HINT = ("run it as the user who ran `voxbus up` (it leaves the CLI's credentials "
+                    "in VOXBUS_CONTROL_FILE), or set VOXBUS_NATS_USER and VOXBUS_NATS_PASSWORD "
+                    "(or VOXBUS_NATS_TOKEN, VOXBUS_NATS_CREDS, VOXBUS_NATS_NKEY)")
+
+
+def connection_auth(url: str, auth: NatsAuth | None = None) -> NatsAuth:
+    """The credentials a connection to ``url`` uses: ``auth``, else the environment's
+    (``VOXBUS_NATS_*``), else, with none there either, what ``voxbus up`` wrote for the CLI
+    when it is that ``voxbus up``'s NATS (same URL)."""
+    auth = auth if auth is not None else NatsAuth()
+    if not auth.anonymous:
+        return auth
+    from voxbus.config import Settings
+    from voxbus.control.auth import read_control_file
+
+    try:
+        path = Settings().control_file
+    except SystemExit:
+        return auth
+    cli = read_control_file(path).get("nats")
+    if not isinstance(cli, dict) or not cli.get("user") or not cli.get("password"):
+        return auth
+    if _same_servers(str(cli.get("url", "")), url):
+        return replace(auth, user=str(cli["user"]), password=str(cli["password"]))
+    return auth
+
+
+def _same_servers(a: str, b: str) -> bool:
+    def norm(url: str) -> set[str]:
+        out = set()
+        for server in nats_servers(url):
+            rest = server.partition("://")[2] or server
+            host, _, port = rest.rstrip("/").rpartition(":")
+            host = "127.0.0.1" if host in ("localhost", "") else host
+            out.add(f"{host}:{port or '4222'}")
+        return out
+
+    return bool(a) and norm(a) == norm(b)
 
 
 async def _abandon(nc: Client) -> None:
@@ -121,7 +181,8 @@ class Bus:
 
     @classmethod
     async def connect(
-        cls, url: str, subjects: Subjects, service: str, *, attempts: int = 20
+        cls, url: str, subjects: Subjects, service: str, *, attempts: int = 20,
+        auth: NatsAuth | None = None,
     ) -> Bus:
         """Connect, retrying while the server comes up (``voxbus up`` starts both at once).
 
@@ -132,33 +193,56 @@ class Bus:
         The first connection makes ``attempts`` tries per server 0.5 s apart, quietly, and then
         raises one ``ConnectionError``; once connected the client reconnects forever, and every
         change (lost, back, an error) is one log line naming the service, never a traceback.
+
+        ``auth`` (default: :func:`connection_auth`) is passed to nats-py as its own options
+        (user/password, token, ``.creds`` file, NKey seed, TLS). A server that refuses them is
+        :class:`NatsRefused` at once, not after every attempt.
         """
         servers = nats_servers(url)
         if not servers:
             raise ConnectionError(f"no NATS server in {url!r}")
+        auth = connection_auth(url, auth)
         nc = Client()
         events = _ConnectionLog(nc, service, ",".join(servers))
+        connecting = asyncio.ensure_future(asyncio.wait_for(nc.connect(
+            servers=servers,
+            name=f"voxbus-{service}",
+            error_cb=events.error,
+            disconnected_cb=events.disconnected,
+            reconnected_cb=events.reconnected,
+            # The order is the operator's: the first URL is the preferred node.
+            dont_randomize=True,
+            # Bounded for the first connection only; lifted below once connected.
+            max_reconnect_attempts=max(attempts - 1, 1),
+            reconnect_time_wait=0.5,
+            connect_timeout=2,
+            **nats_auth.connect_options(auth),
+        ), timeout=attempts * 2.5 * len(servers) + 1))
+        refused = asyncio.ensure_future(events.refused.wait())
         try:
-            await asyncio.wait_for(nc.connect(
-                servers=servers,
-                name=f"voxbus-{service}",
-                error_cb=events.error,
-                disconnected_cb=events.disconnected,
-                reconnected_cb=events.reconnected,
-                # The order is the operator's: the first URL is the preferred node.
-                dont_randomize=True,
-                # Bounded for the first connection only; lifted below once connected.
-                max_reconnect_attempts=max(attempts - 1, 1),
-                reconnect_time_wait=0.5,
-                connect_timeout=2,
-            ), timeout=attempts * 2.5 * len(servers) + 1)
+            await asyncio.wait({connecting, refused}, return_when=asyncio.FIRST_COMPLETED)
+            if events.refused.is_set():
+                connecting.cancel()
+                with contextlib.suppress(BaseException):
+                    await connecting
+                reason = events.refusal.removeprefix("nats: ").strip("'")
+                hint = f": {CREDENTIALS_HINT}" if auth.anonymous else ""
+                raise NatsRefused(f"NATS at {events.url} refused the connection "
+                                  f"{nats_auth.describe(auth)} ({reason}){hint}")
+            connecting.result()
+        except NatsRefused:
+            await _abandon(nc)
+            raise
         except (OSError, TimeoutError, NatsError) as e:
             await _abandon(nc)
             raise ConnectionError(f"cannot reach NATS at {events.url}: "
                                   f"{events.last_error or e}") from None
         except BaseException:
+            connecting.cancel()
             await _abandon(nc)
             raise
+        finally:
+            refused.cancel()
         nc.options["max_reconnect_attempts"] = -1  # read on every reconnect: never give up now
         events.connected = True
         events._server()  # remembered, for the line that says we lost it

@@ -12,6 +12,14 @@ from pathlib import Path
 NATS_HINT = "is `voxbus up` running? (or pass --nats URL / set VOXBUS_NATS_URL)"
 
 
+def _nats_failed(e: ConnectionError) -> str:
+    """One line for a NATS connection that failed: unreachable (is it running?), or refused
+    (the credentials: the line already says what to do)."""
+    from voxbus.bus import NatsRefused
+
+    return str(e) if isinstance(e, NatsRefused) else f"{e}: {NATS_HINT}"
+
+
 def _run_service(name: str) -> int:
     from voxbus.runner import configure_logging, run_forever
 
@@ -33,7 +41,11 @@ def _run_service(name: str) -> int:
         from voxbus.control.service import ControlService as cls
     else:
         from services.orchestrator.worker import OrchestratorWorker as cls
-    asyncio.run(run_forever(cls()))
+    try:
+        asyncio.run(run_forever(cls()))
+    except ConnectionError as e:  # NATS unreachable or refusing our credentials: one line
+        print(f"voxbus {name}: {e}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
@@ -229,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return _recordings(args)
         except ConnectionError as e:
-            print(f"voxbus {args.cmd}: {e}: {NATS_HINT}", file=sys.stderr)
+            print(f"voxbus {args.cmd}: {_nats_failed(e)}", file=sys.stderr)
             return 2
         except (OSError, ValueError, VoxbusError) as e:
             print(f"voxbus {args.cmd}: {e}", file=sys.stderr)
@@ -274,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(talk(args.nats, args.wavs, agent=args.agent, out_wav=args.out,
                              prefix=os.environ.get("VOXBUS_PREFIX", "vox"), on_turn=show))
         except ConnectionError as e:
-            print(f"voxbus talk: {e}: {NATS_HINT}", file=sys.stderr)
+            print(f"voxbus talk: {_nats_failed(e)}", file=sys.stderr)
             return 2
         except (OSError, ValueError, VoxbusError) as e:
             print(f"voxbus talk: {e}", file=sys.stderr)

@@ -233,10 +233,71 @@ def _ice_servers() -> str:
     return raw
 
 
+def _secret_value(name: str) -> str:
+    """A password or token: taken as given (not stripped: spaces may be part of it), never
+    echoed in an error."""
+    raw = os.environ.get(name, "")
+    if raw and (raw != raw.strip() or "\n" in raw):
+        raise _fail(f"{name} has leading/trailing spaces or a line break: set the secret alone")
+    return raw
+
+
+@dataclass(frozen=True)
+class NatsAuth:
+    """How a process proves who it is to NATS, and how it trusts the server (TLS): from the
+    environment, one way at most. Empty: an anonymous connection (a server without auth)."""
+
+    user: str = field(default_factory=lambda: _raw("VOXBUS_NATS_USER") or "")
+    password: str = field(default_factory=lambda: _secret_value("VOXBUS_NATS_PASSWORD"),
+                          repr=False)
+    token: str = field(default_factory=lambda: _secret_value("VOXBUS_NATS_TOKEN"), repr=False)
+    creds: str = field(default_factory=lambda: _readable_file("VOXBUS_NATS_CREDS"))
+    """A ``.creds`` file (a user JWT and its NKey seed: decentralized auth with an operator)."""
+    nkey: str = field(default_factory=lambda: _readable_file("VOXBUS_NATS_NKEY"))
+    """A file holding a user NKey seed (``SU...``): the server knows the public key."""
+    tls_ca: str = field(default_factory=lambda: _readable_file("VOXBUS_NATS_TLS_CA"))
+    """PEM CA bundle the server's certificate is checked against (TLS on)."""
+    tls_cert: str = field(default_factory=lambda: _readable_file("VOXBUS_NATS_TLS_CERT"))
+    """PEM client certificate (mutual TLS), with ``tls_key``."""
+    tls_key: str = field(default_factory=lambda: _readable_file("VOXBUS_NATS_TLS_KEY"))
+
+    def __post_init__(self):
+        if bool(self.user) != bool(self.password):
+            raise _fail("VOXBUS_NATS_USER and VOXBUS_NATS_PASSWORD go together: set both or "
+                        "neither")
+        ways = [name for name, value in (("VOXBUS_NATS_USER", self.user),
+                                         ("VOXBUS_NATS_TOKEN", self.token),
+                                         ("VOXBUS_NATS_CREDS", self.creds),
+                                         ("VOXBUS_NATS_NKEY", self.nkey)) if value]
+        if len(ways) > 1:
+            raise _fail(f"{' and '.join(ways)} are set: a NATS connection authenticates one "
+                        "way (user/password, token, .creds file or NKey seed); set one")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise _fail("VOXBUS_NATS_TLS_CERT and VOXBUS_NATS_TLS_KEY go together: set both "
+                        "(a client certificate) or neither")
+
+    @classmethod
+    def as_user(cls, user: str, password: str) -> NatsAuth:
+        """User/password and nothing else, whatever the environment says (``voxbus up``'s
+        own connections, tests)."""
+        return cls(user=user, password=password, token="", creds="", nkey="", tls_ca="",
+                   tls_cert="", tls_key="")
+
+    @property
+    def anonymous(self) -> bool:
+        return not (self.user or self.token or self.creds or self.nkey)
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_ca or self.tls_cert)
+
+
 @dataclass(frozen=True)
 class Settings:
     nats_url: str = field(default_factory=_nats_url)
     """One server, or a cluster's nodes comma-separated (see :func:`voxbus.bus.nats_servers`)."""
+    nats_auth: NatsAuth = field(default_factory=NatsAuth)
+    """Credentials and TLS for NATS (``VOXBUS_NATS_USER`` ... ``VOXBUS_NATS_TLS_KEY``)."""
     prefix: str = field(default_factory=_prefix)
     worker_id: str = field(default_factory=_worker_id)
     metrics_port: int = field(default_factory=lambda: _port("VOXBUS_METRICS_PORT", 0))

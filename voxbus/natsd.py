@@ -82,7 +82,7 @@ class NatsServer:
 
     def __init__(self, port: int = 0, *, store_dir: str | None = None, name: str | None = None,
                  cluster_port: int = 0, routes: tuple[int, ...] = (),
-                 cluster_name: str | None = None, http_port: int = 0):
+                 cluster_name: str | None = None, http_port: int = 0, authorization: str = ""):
         self.port = port or free_port()
         self.name = name or f"voxbus-{uuid.uuid4().hex[:8]}"
         self._tmp = None if store_dir else tempfile.TemporaryDirectory(prefix="voxbus-js-")
@@ -96,6 +96,18 @@ class NatsServer:
         """Monitoring port (``/jsz``, ``/routez``, ``/healthz``); 0: none."""
         self.proc: subprocess.Popen | None = None
         self._log = None
+        self.authorization = authorization
+        """nats-server's ``authorization`` block (:func:`voxbus.nats_auth.server_config`):
+        users and their permissions; empty = anyone may connect and do anything."""
+        self._conf_dir: tempfile.TemporaryDirectory | None = None
+        self.config_file: str | None = None
+        if authorization:
+            # Passwords in it: a folder and file of this user's only, removed by stop().
+            self._conf_dir = tempfile.TemporaryDirectory(prefix="voxbus-nats-")
+            self.config_file = os.path.join(self._conf_dir.name, "nats.conf")
+            fd = os.open(self.config_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(authorization)
 
     @property
     def url(self) -> str:
@@ -104,6 +116,8 @@ class NatsServer:
     def command(self) -> list[str]:
         cmd = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-n", self.name,
                "-js", "-sd", self.store_dir]
+        if self.config_file:
+            cmd += ["-c", self.config_file]  # the flags above override anything else in it
         if self.cluster_port:
             # JetStream in a cluster needs both the server names and one cluster name.
             cmd += ["--cluster", f"nats://127.0.0.1:{self.cluster_port}",
@@ -192,6 +206,9 @@ class NatsServer:
         if self._tmp:
             self._tmp.cleanup()
             self._tmp = None
+        if self._conf_dir:
+            self._conf_dir.cleanup()
+            self._conf_dir = None
 
     def __enter__(self) -> NatsServer:
         return self.start()
@@ -210,7 +227,8 @@ class NatsCluster:
     leader; ``url`` is every client URL, comma-separated (a ``VOXBUS_NATS_URL``).
     """
 
-    def __init__(self, size: int = 3, *, store_root: str | None = None):
+    def __init__(self, size: int = 3, *, store_root: str | None = None,
+                 authorization: str = ""):
         if size < 1:
             raise ValueError("a cluster needs at least one node")
         self.name = f"voxbus-{uuid.uuid4().hex[:8]}"
@@ -221,7 +239,7 @@ class NatsCluster:
             NatsServer(store_dir=str(root / f"n{i}"), name=f"{self.name}-n{i}",
                        cluster_port=route_ports[i], cluster_name=self.name,
                        routes=tuple(p for j, p in enumerate(route_ports) if j != i),
-                       http_port=free_port())
+                       http_port=free_port(), authorization=authorization)
             for i in range(size)]
         for node in self.nodes:
             Path(node.store_dir).mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, S
 from nats.js.errors import NotFoundError
 
 from voxbus.bus import Bus, now_us
+from voxbus.config import NatsAuth
 from voxbus.errors import VoxbusError
 from voxbus.subjects import Stage, Subjects
 from voxbus.wire import (
@@ -226,14 +227,17 @@ class SessionInfo:
 class Recorder:
     """The recording stream of one prefix on one NATS: turn it on, list and export sessions."""
 
-    def __init__(self, nats_url: str, prefix: str):
+    def __init__(self, nats_url: str, prefix: str, *, auth: NatsAuth | None = None):
         self.nats_url = nats_url
         self.subjects = Subjects(prefix)
         self.stream = self.subjects.recording_stream()
         self.bus: Bus | None = None
+        self.auth = auth
+        """NATS credentials; None: the environment's, or the CLI's from ``voxbus up``."""
 
     async def start(self) -> Recorder:
-        self.bus = await Bus.connect(self.nats_url, self.subjects, "recorder", attempts=3)
+        self.bus = await Bus.connect(self.nats_url, self.subjects, "recorder", attempts=3,
+                                     auth=self.auth)
         self.js = self.bus.nc.jetstream()
         return self
 

@@ -6,6 +6,7 @@ Layout (``<p>`` is the deployment prefix, ``vox`` by default)::
     <p>.sess.<session>.audio.out         agent audio (AudioOut, AudioFlush)
     <p>.sess.<session>.evt.<kind>        events: vad, turn, transcript, bot, metric, error
     <p>.sess.<session>.ctl               control: Cancel, SessionEnd
+    <p>.sess.<session>.claim.<stage>     a replica announcing it holds the session (SttClaimed)
     <p>.sess.<session>.reply.<stage>.<turn>.<index>[.r<attempt>]   one request's streamed reply
     <p>.sess.<session>.work.<stage>      copies of the session's work requests, for its recording
     <p>.work.<stage>                     work requests; queue group = stage name
@@ -85,12 +86,22 @@ class Subjects:
         """One kind of event of every session (the control plane follows metrics, errors, turns)."""
         return f"{self.prefix}.sess.*.evt.{Event(kind).value}"
 
+    def claim(self, session: str, stage: Stage) -> str:
+        """Where the replica that claimed a session's stateful work (its STT stream) says so,
+        and any other still holding it lets go. Not ``ctl``: a stage may announce its claim
+        without being allowed to end or cancel anything (NATS permissions are per subject)."""
+        return f"{self.session_root(session)}.claim.{Stage(stage).value}"
+
     def reply(self, session: str, stage: Stage, turn: int, index: int = 0,
               attempt: int = 0) -> str:
         """Where one request's streamed reply goes; a retry (``attempt`` 1) has its own, so
         frames of an abandoned attempt can never mix into the one that is being used."""
         base = f"{self.session_root(session)}.reply.{Stage(stage).value}.{int(turn)}.{int(index)}"
         return f"{base}.r{int(attempt)}" if attempt else base
+
+    def replies(self, session: str, stage: Stage) -> str:
+        """Every reply subject of one stage in a session (a wildcard over :meth:`reply`)."""
+        return f"{self.session_root(session)}.reply.{Stage(stage).value}.>"
 
     def work_copy(self, session: str, stage: Stage) -> str:
         """Where the bus copies a session's work request so the session's recording holds it."""

@@ -19,8 +19,9 @@ from collections.abc import Callable
 
 import openai
 
+from voxbus import nats_auth
 from voxbus.bus import Bus
-from voxbus.config import Settings
+from voxbus.config import NatsAuth, Settings
 from voxbus.control.auth import new_token, read_control_file, write_control_file
 from voxbus.llm_server import MODEL_ALIAS, LocalLlmServer, sigill_hint
 from voxbus.natsd import NatsServer, PortTaken, port_in_use
@@ -30,6 +31,10 @@ from voxbus.subjects import Subjects
 from voxbus.supervisor import Child, ChildFailed, Supervisor, describe_exit, say
 
 STAGES = ("stt", "llm", "tts", "orchestrator", "gateway")
+NATS_AUTH_VARS = ("VOXBUS_NATS_USER", "VOXBUS_NATS_PASSWORD", "VOXBUS_NATS_TOKEN",
+                  "VOXBUS_NATS_CREDS", "VOXBUS_NATS_NKEY", "VOXBUS_NATS_TLS_CA",
+                  "VOXBUS_NATS_TLS_CERT", "VOXBUS_NATS_TLS_KEY")
+"""What a deployment's services authenticate with; ``voxbus up``'s own server sets them."""
 MAX_REPLICAS = 16
 NATS_START_S = 15.0
 LLM_START_S = 180.0
@@ -87,15 +92,20 @@ async def up(nats_port: int, http_port: int, scale: dict[str, int] | None = None
     nats: NatsServer | None = None
     try:
         settings = Settings()
+        passwords: dict[str, str] = {}
         if not os.environ.get("VOXBUS_NATS_URL"):
-            # One folder for the server's whole life: a restarted server keeps its streams.
-            nats = NatsServer(nats_port, store_dir=settings.jetstream_dir or None)
+            # One folder for the server's whole life: a restarted server keeps its streams;
+            # one password per role for its whole life too (a restart keeps the same config).
+            passwords = nats_auth.new_passwords()
+            nats = NatsServer(nats_port, store_dir=settings.jetstream_dir or None,
+                              authorization=nats_auth.server_config(passwords, settings.prefix))
 
         def on_ready() -> None:
             nonlocal ready
             ready = True
 
-        await _compose(sup, settings, nats, http_port, scale or parse_scale(None), on_ready)
+        await _compose(sup, settings, nats, http_port, scale or parse_scale(None), on_ready,
+                       passwords)
         return 0
     except asyncio.CancelledError:
         if not signalled:
@@ -123,8 +133,16 @@ async def up(nats_port: int, http_port: int, scale: dict[str, int] | None = None
 
 
 async def _compose(sup: Supervisor, settings: Settings, nats: NatsServer | None, http_port: int,
-                   scale: dict[str, int], on_ready: Callable[[], None]) -> None:
+                   scale: dict[str, int], on_ready: Callable[[], None],
+                   passwords: dict[str, str] | None = None) -> None:
     env = dict(os.environ)
+    passwords = passwords or {}
+    admin: NatsAuth | None = None  # our own connections: the environment's credentials
+    if passwords:
+        # Our own nats-server: each child gets its role's credentials, nothing inherited.
+        for name in NATS_AUTH_VARS:
+            env.pop(name, None)
+        admin = NatsAuth.as_user("admin", passwords["admin"])
     host = env.get("VOXBUS_HTTP_HOST", "127.0.0.1")
     if port_in_use(http_port, "127.0.0.1" if host in ("", "0.0.0.0") else host):
         raise UpError(f"port {http_port} is in use by another program: stop it or use "
@@ -133,17 +151,24 @@ async def _compose(sup: Supervisor, settings: Settings, nats: NatsServer | None,
     env["VOXBUS_CONTROL_ADDRESS"] = control_address
     env["VOXBUS_CONTROL_TOKEN"] = settings.control_token or new_token()
     # Written now, so `voxbus ctl` already finds the control plane while models load.
+    # (with the CLI's NATS credentials for `voxbus talk`, `sessions`, `record`, `replay`).
+    cli_nats = ({"url": nats.url, "user": "client", "password": passwords["client"]}
+                if nats is not None and passwords else None)
     control = write_control_file(settings.control_file, address=control_address,
                                  token=env["VOXBUS_CONTROL_TOKEN"], prefix=settings.prefix,
-                                 tls_cert=settings.control_tls_cert)
+                                 tls_cert=settings.control_tls_cert, nats=cli_nats)
     if nats is not None:
-        await start_nats(sup, nats)
+        await start_nats(sup, nats, admin)
         env["VOXBUS_NATS_URL"] = nats.url
+        if passwords:
+            print(f"NATS users {', '.join(passwords)} with per-service permissions (a "
+                  f"connection without credentials is refused); the CLI's in {control}",
+                  flush=True)
     else:
         await sup.guard(check_nats(env["VOXBUS_NATS_URL"], " (VOXBUS_NATS_URL; unset it and "
                                                            "voxbus up starts its own)"))
     if settings.record:
-        await sup.guard(record_sessions(env["VOXBUS_NATS_URL"], settings))
+        await sup.guard(record_sessions(env["VOXBUS_NATS_URL"], settings, admin))
 
     local_child = None
     if not env.get("OPENAI_BASE_URL"):
@@ -159,6 +184,8 @@ async def _compose(sup: Supervisor, settings: Settings, nats: NatsServer | None,
     for stage in (*STAGES, "control"):
         for n in range(1, scale.get(stage, 1) + 1):
             replica = dict(env, VOXBUS_WORKER_ID=f"{n}-{uuid.uuid4().hex[:6]}")
+            if passwords:
+                replica.update(nats_auth.role_env(stage, passwords[stage]))
             stages.append(await sup.start(Child(
                 f"{stage}-{n}", [sys.executable, "-m", "voxbus.cli", stage], env=replica,
                 ready_suffix=" ready", drained_suffix=DRAINED_SUFFIX, tier=2)))
@@ -217,7 +244,7 @@ def _forget_control_file() -> None:
             os.remove(path)
 
 
-async def start_nats(sup: Supervisor, nats: NatsServer) -> None:
+async def start_nats(sup: Supervisor, nats: NatsServer, auth: NatsAuth | None = None) -> None:
     """nats-server on its port, and proof that the server answering there is this one."""
     if port_in_use(nats.port):
         raise PortTaken(nats.port)
@@ -232,17 +259,17 @@ async def start_nats(sup: Supervisor, nats: NatsServer) -> None:
     except TimeoutError:
         raise UpError(f"nats-server did not answer on port {nats.port} within "
                       f"{NATS_START_S:.0f} s") from None
-    if await sup.guard(check_nats(nats.url)) != nats.name:
+    if await sup.guard(check_nats(nats.url, auth=auth)) != nats.name:
         raise PortTaken(nats.port)
     print(f"nats-server {nats.name} with JetStream on {nats.url} (store {nats.store_dir})",
           flush=True)
 
 
-async def check_nats(url: str, hint: str = "") -> str | None:
+async def check_nats(url: str, hint: str = "", *, auth: NatsAuth | None = None) -> str | None:
     """Connect once; the server's name from the INFO it sent (ours, or a stranger's?).
-    UpError when nothing answers."""
+    UpError when nothing answers or it refuses our credentials."""
     try:
-        bus = await Bus.connect(url, Subjects("up"), "up", attempts=3)
+        bus = await Bus.connect(url, Subjects("up"), "up", attempts=3, auth=auth)
     except ConnectionError as e:
         raise UpError(f"{e}{hint}") from None
     try:
@@ -305,9 +332,10 @@ def _connection_reason(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
-async def record_sessions(nats_url: str, settings: Settings) -> None:
+async def record_sessions(nats_url: str, settings: Settings,
+                          auth: NatsAuth | None = None) -> None:
     """Turn on the recording stream (on by default; ``VOXBUS_RECORD=0`` leaves it off)."""
-    async with Recorder(nats_url, settings.prefix) as recorder:
+    async with Recorder(nats_url, settings.prefix, auth=auth) as recorder:
         await recorder.enable(max_age_s=settings.record_max_age_s,
                               max_bytes=settings.record_max_bytes,
                               replicas=settings.js_replicas)

@@ -83,6 +83,8 @@ class SessionStream:
             await self.worker.subscribe(subjects.event(self.session, Event.VAD), self._on_vad,
                                         expect=VadEvent),
             await self.worker.subscribe(subjects.ctl(self.session), self._on_ctl),
+            await self.worker.subscribe(subjects.claim(self.session, Stage.STT), self._on_ctl,
+                                        expect=SttClaimed),
         ]
 
     async def close(self, *, graceful: bool = True) -> None:
@@ -208,7 +210,7 @@ class SttWorker(Service):
             await stream.start(frame)
             log.info("%s claimed session %s", self.worker_id, frame.session)
         claimed = SttClaimed(session=frame.session, worker=self.worker_id)
-        await self.bus.publish(self.subjects.ctl(frame.session), claimed)
+        await self.bus.publish(self.subjects.claim(frame.session, Stage.STT), claimed)
         if msg.reply:
             await self.bus.publish(msg.reply, claimed)
 

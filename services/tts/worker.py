@@ -12,7 +12,7 @@ from pipecat.frames.frames import ErrorFrame, TTSAudioRawFrame
 from pipecat.services.tts_service import TTSService
 from prometheus_client import Histogram
 
-from services.tts.engine import make_tts_service, voice_path
+from services.tts.engine import tts_service_for, voice_path
 from voxbus.pipecat_host import HostedPipeline
 from voxbus.runner import Service
 from voxbus.stage_work import TurnTasks
@@ -51,7 +51,7 @@ class TtsWorker(Service):
             if len(self.voices) >= MAX_VOICES:  # keep the default, drop the oldest other
                 oldest = next(p for i, p in enumerate(self.voices) if i > 0)
                 await self.voices.pop(oldest)[1].stop()
-            service = await asyncio.to_thread(make_tts_service, self.settings, str(path))
+            service = await asyncio.to_thread(tts_service_for, path)
             # Hosting the service in a pipeline runs its setup/start (sample rate, metrics).
             host = HostedPipeline([service], name=f"tts-{path.stem}", out_sample_rate=16000)
             await host.start()
@@ -78,10 +78,12 @@ class TtsWorker(Service):
             async with self._lock:
                 try:
                     service = await self._voice(req.voice)
-                except (OSError, ValueError) as e:  # missing, unreadable, a name too long
-                    error = f"unknown voice {req.voice!r}: {e}"
-                    await self.bus.report("unknown_voice", error, subject=self.subjects.ctl(
-                        req.session))
+                except (OSError, ValueError) as e:  # a path, missing, unreadable
+                    code = getattr(e, "code", "unknown_voice")
+                    error = f"{code}: {e}" if code == "voice_not_allowed" else (
+                        f"unknown voice {req.voice!r}: {e}")
+                    log.warning("%s turn %d: %s", req.session, req.turn, error)
+                    await self.bus.report(code, error, subject=self.subjects.ctl(req.session))
                     return
                 async for out in service.run_tts(req.text, f"{req.session}-{req.turn}"):
                     if isinstance(out, TTSAudioRawFrame) and out.audio:

