@@ -120,7 +120,9 @@ def connection_auth(url: str, auth: NatsAuth | None = None) -> NatsAuth:
     """The credentials a connection to ``url`` uses: ``auth``, else the environment's
     (``VOXBUS_NATS_*``), else, with none there either, what ``voxbus up`` wrote for the CLI
     when it is that ``voxbus up``'s NATS (same URL)."""
-    auth = auth if auth is not None else NatsAuth()
+    if auth is not None:
+        return auth
+    auth = NatsAuth()
     if not auth.anonymous:
         return auth
     from voxbus.config import Settings

@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from voxbus.bus import Bus
+from voxbus.bus import Bus, NatsRefused
+from voxbus.config import NatsAuth
 from voxbus.natsd import free_port
 from voxbus.subjects import Stage, Subjects
 from voxbus.talk import talk
@@ -160,13 +161,35 @@ def alive(pid: int) -> bool:
 
 
 async def test_killed_children_are_restarted_and_a_turn_still_gets_a_reply(
-        run_up, up_env, prefix, speech_wav):
+        run_up, up_env, prefix, speech_wav, monkeypatch):
     """A stage replica, nats-server and the LLM endpoint, each SIGKILLed: one line each, back
-    on the same port (nats-server with the same JetStream folder), and a whole turn works."""
+    on the same port (nats-server with the same JetStream folder), and a whole turn works.
+    Its nats-server requires credentials: the CLI finds its own where ``voxbus up`` left them,
+    a connection without any is refused."""
     nats_port = free_port()
     up = run_up("--nats-port", str(nats_port), env=up_env)
     nats_url = up.ready()
     assert nats_url == f"nats://127.0.0.1:{nats_port}"
+    up.expect(r"^NATS users stt, llm, tts, orchestrator, gateway, control, client, admin with "
+              r"per-service permissions .*; the CLI's in " + re.escape(
+                  up_env["VOXBUS_CONTROL_FILE"]) + "$", 1)
+    with pytest.raises(NatsRefused):
+        await Bus.connect(nats_url, Subjects(prefix), "anonymous", attempts=3,
+                          auth=NatsAuth.as_user("", ""))
+    # This test's own connections are the CLI's: they read the control file voxbus up wrote.
+    monkeypatch.setenv("VOXBUS_CONTROL_FILE", up_env["VOXBUS_CONTROL_FILE"])
+    for name in [n for n in os.environ if n.startswith("VOXBUS_NATS_")]:
+        monkeypatch.delenv(name)
+    talked = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "voxbus.cli", "talk", speech_wav, "--json",
+                         "--nats", nats_url], env=up_env, capture_output=True, text=True,
+        timeout=180)
+    assert talked.returncode == 0, talked.stderr
+    assert "capital" in talked.stdout.lower() and '"errors": []' in talked.stdout, talked.stdout
+    listed = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "voxbus.cli", "sessions", "--nats", nats_url],
+        env=up_env, capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0 and "ended: done" in listed.stdout, listed
 
     for child in ("stt-1", "nats-server", "llm-server"):
         pid = up.pid(child)
