@@ -26,6 +26,7 @@ import random
 import tempfile
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -246,6 +247,9 @@ async def main(args) -> None:
     print(f"turns answered / spoken: {answered}/{spoken}; errors: "
           f"{sum(bool(t.errors) for t in turns)} turns; fallback lines: "
           f"{sum(t.fallback for t in turns)}  (latencies in ms, by when the question began)")
+    codes = Counter(e.split(": ")[0] + ": " + e.split(": ")[1] for t in turns for e in t.errors)
+    if codes:
+        print("errors by stage and code: " + ", ".join(f"{k} x{n}" for k, n in codes.most_common()))
     print(f"* {args.sessions} sessions, each one long conversation for {args.minutes:g} min; "
           f"stages: {'in this process' if args.in_process else 'one process each'}; "
           "LLM: embedded llama-cpp SmolLM2-135M; recording on")

@@ -33,14 +33,24 @@ def sigill_hint(returncode: int | None) -> str | None:
             f"(illegal instruction); rebuild it for this CPU: {REINSTALL}")
 
 
+def default_threads() -> int:
+    """Half the cores: the stages beside it need the rest. ggml's threads spin at barriers, so
+    one more than the cores free turns each wait into a lost time slice: on 2 cores with one
+    busy neighbour, 2 threads took 4-23 s per reply where 1 took 2-4 s."""
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
 class LocalLlmServer:
     """llama-cpp-python's server on a loopback port. ``start()`` runs it directly (tests);
     ``voxbus up`` runs ``command()`` under its supervisor and asks ``is_up()`` for readiness."""
 
-    def __init__(self, model: str | None = None, port: int = 0, threads: int = 2):
+    def __init__(self, model: str | None = None, port: int = 0, threads: int | None = None,
+                 cache_mb: int = 1024):
         self.model = model or os.environ.get("VOXBUS_LLM_GGUF") or default_gguf()
         self.port = port or free_port()
-        self.threads = threads
+        self.threads = threads or default_threads()
+        self.cache_mb = cache_mb
+        """Prompt cache (0: none): one entry per conversation, ~100 MB each for SmolLM2."""
         self.proc: subprocess.Popen | None = None
         self._log = None
 
@@ -49,14 +59,17 @@ class LocalLlmServer:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def command(self) -> list[str]:
+        cache = (["--cache", "true", "--cache_size", str(self.cache_mb << 20),
+                  # Each entry holds a batch of logits: a smaller batch, a smaller entry.
+                  "--n_batch", "128"] if self.cache_mb else [])
         return [
-            sys.executable, "-m", "llama_cpp.server", "--model", self.model,
+            sys.executable, "-m", "voxbus.llm_endpoint", "--model", self.model,
             "--model_alias", MODEL_ALIAS, "--host", "127.0.0.1", "--port", str(self.port),
             "--n_ctx", "2048", "--n_threads", str(self.threads), "--verbose", "false",
             # By default a new request cuts off the one streaming (it ends early, often with
             # nothing said): with several sessions, or a hedged retry, every reply but the last
             # would be empty. Queued, each is answered in turn.
-            "--interrupt_requests", "false",
+            "--interrupt_requests", "false", *cache,
         ]
 
     def is_up(self) -> bool:
