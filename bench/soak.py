@@ -250,6 +250,8 @@ async def main(args) -> None:
     codes = Counter(e.split(": ")[0] + ": " + e.split(": ")[1] for t in turns for e in t.errors)
     if codes:
         print("errors by stage and code: " + ", ".join(f"{k} x{n}" for k, n in codes.most_common()))
+        for example in dict.fromkeys(e for t in turns for e in t.errors).keys():
+            print(f"  e.g. {example[:300]}")
     print(f"* {args.sessions} sessions, each one long conversation for {args.minutes:g} min; "
           f"stages: {'in this process' if args.in_process else 'one process each'}; "
           "LLM: embedded llama-cpp SmolLM2-135M; recording on")

@@ -45,7 +45,7 @@ class LocalLlmServer:
     ``voxbus up`` runs ``command()`` under its supervisor and asks ``is_up()`` for readiness."""
 
     def __init__(self, model: str | None = None, port: int = 0, threads: int | None = None,
-                 cache_mb: int = 1024):
+                 cache_mb: int = 512):
         self.model = model or os.environ.get("VOXBUS_LLM_GGUF") or default_gguf()
         self.port = port or free_port()
         self.threads = threads or default_threads()
