@@ -25,3 +25,10 @@ class StageFailed(VoxbusError):
 
     code = "stage_failed"
     retryable = True
+
+
+class Full(VoxbusError):
+    """A replica is at its declared capacity and takes no new session: another one may."""
+
+    code = "full"
+    retryable = True

@@ -18,6 +18,9 @@ class Seen:
     sessions: set[str] = field(default_factory=set)
     draining: bool = False
     stage: str = ""
+    load: float = 0.0
+    """Work in progress over declared capacity, 0-1, as the replica last reported it."""
+    capacity: int = 0
 
 
 class Liveness:
@@ -55,7 +58,7 @@ class Liveness:
     async def _on_heartbeat(self, frame: Frame, _msg: Msg) -> None:
         if isinstance(frame, Heartbeat):
             self.seen[frame.worker] = Seen(time.monotonic(), set(frame.sessions), frame.draining,
-                                           frame.stage)
+                                           frame.stage, frame.load, frame.capacity)
 
     @property
     def warm(self) -> bool:
@@ -79,6 +82,22 @@ class Liveness:
         live = [(s.at, w) for w, s in self.seen.items()
                 if s.stage == Stage(stage).value and not s.draining and now - s.at < self.lease_s]
         return max(live)[1] if live else None
+
+    def least_loaded(self, stage: Stage) -> list[str]:
+        """Replicas of ``stage`` that take new work, least loaded first (the freshest first
+        among equals); a full one (load 1) is left out: it would refuse."""
+        now = time.monotonic()
+        live = [(s.load, -s.at, w) for w, s in self.seen.items()
+                if s.stage == Stage(stage).value and not s.draining and now - s.at < self.lease_s
+                and s.load < 1.0]
+        return [w for _load, _at, w in sorted(live)]
+
+    def note_work(self, worker: str) -> None:
+        """We just gave ``worker`` a session: count it until its next heartbeat says so, so
+        sessions started within one heartbeat do not all pick the same replica."""
+        seen = self.seen.get(worker)
+        if seen is not None and seen.capacity:
+            seen.load = min(1.0, seen.load + 1 / seen.capacity)
 
     def serving(self, worker: str, session: str) -> bool:
         seen = self.seen.get(worker)

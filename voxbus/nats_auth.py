@@ -120,7 +120,8 @@ def permissions(role: str, prefix: str = "vox") -> dict[str, Any]:
     elif role == "gateway":
         replica(Stage.GATEWAY)
         sends_work(Stage.ORCHESTRATOR)
-        sub += [_every(s.audio_out(any_)), _every(s.events(any_)), INBOX]
+        sub += [_every(s.audio_out(any_)), _every(s.events(any_)), INBOX,
+                s.heartbeat(Stage.ORCHESTRATOR)]  # placement: the least-loaded orchestrator
         pub += [_every(s.audio_in(any_)), _every(s.ctl(any_))]
     elif role == "control":
         replica(Stage.CONTROL)

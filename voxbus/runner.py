@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 from voxbus import __version__
 from voxbus.bus import Bus
 from voxbus.config import Settings
+from voxbus.errors import Full
 from voxbus.subjects import Stage, Subjects
 from voxbus.wire import Drain, Frame, Heartbeat
 
@@ -32,11 +33,14 @@ SESSIONS = Gauge("voxbus_sessions", "Sessions owned by this replica", ["stage"])
 LOAD = Gauge("voxbus_load", "Work in progress over declared capacity, 0-1", ["stage"])
 
 DEFAULT_CAPACITY: dict[Stage, int] = {
-    Stage.STT: 4, Stage.LLM: 4, Stage.TTS: 4, Stage.ORCHESTRATOR: 8, Stage.CONTROL: 0,
+    Stage.STT: 16, Stage.LLM: 4, Stage.TTS: 4, Stage.ORCHESTRATOR: 16, Stage.CONTROL: 0,
 }
 """Work items a replica of each stage declares by default (``VOXBUS_CAPACITY`` overrides it;
-the gateway declares ``VOXBUS_GATEWAY_MAX_SESSIONS``). A first guess for this 2-core class of
-machine, to be measured per deployment; 0 declares none (load stays 0)."""
+the gateway declares ``VOXBUS_GATEWAY_MAX_SESSIONS``): sessions for STT and orchestrator (a
+session costs them only while its user speaks or pauses), requests in flight for LLM and TTS.
+A first guess for this 2-core class of machine, to be measured per deployment
+(``bench/soak.py``); 0 declares none (load stays 0, nothing is refused). A full STT or
+orchestrator replica refuses new sessions."""
 
 DRAINED_SUFFIX = " drained"
 """The stdout line a replica prints when it drained on command and is about to exit 0."""
@@ -84,6 +88,14 @@ class Service:
     def work_in_progress(self) -> int:
         """What ``load`` measures against capacity: sessions held or requests in flight."""
         return max(len(self.sessions()), self.inflight)
+
+    def refuse_if_full(self, what: str) -> None:
+        """A full replica says so (``Full``, an ``ErrorEvent`` reply with code ``full``) rather
+        than take one more and slow every session it holds; the caller asks another."""
+        capacity = self.declared_capacity
+        if capacity and self.work_in_progress() >= capacity:
+            raise Full(f"{self.worker_id} is full ({self.work_in_progress()} of {capacity}); "
+                       f"not taking {what}")
 
     @property
     def declared_capacity(self) -> int:

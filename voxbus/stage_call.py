@@ -23,7 +23,8 @@ from nats.aio.subscription import Subscription
 from prometheus_client import Counter
 
 from voxbus.bus import Bus
-from voxbus.errors import StageFailed, StageUnavailable
+from voxbus.errors import Full, StageFailed, StageUnavailable, VoxbusError
+from voxbus.liveness import Liveness
 from voxbus.subjects import Stage
 from voxbus.wire import Cancel, Frame, LlmDone, TtsDone, WireError, decode
 
@@ -34,6 +35,8 @@ RETRIES = Counter("voxbus_stage_retries_total",
                   ["stage", "reason"])
 
 TERMINAL = (LlmDone, TtsDone)
+PLACEMENT_TRIES = 3
+"""Least-loaded replicas a session start tries by name before the queue group."""
 """Frames that end a streamed reply (exactly one per attempt, error or not)."""
 
 
@@ -262,13 +265,30 @@ class StageCall:
 
 
 async def ask(bus: Bus, stage: Stage, frame: Frame, *, timeout_s: float = 5.0,
-              attempts: int = 2, idempotent: bool = False) -> Frame:
-    """A one-shot request to a stage's queue group.
+              attempts: int = 2, idempotent: bool = False,
+              placement: Liveness | None = None) -> Frame:
+    """A one-shot request to a stage: to its least-loaded replicas first when ``placement``
+    knows them, else (or when they are all full) to its queue group.
 
     "No responders" (nobody got it) is always retried, after a short pause for a replica that
     is restarting; a timeout is retried only for ``idempotent`` requests, since the replica that
-    timed out may have acted on it. A refusal (an ``ErrorEvent`` reply) is raised as is.
+    timed out may have acted on it. A replica that is full is passed over for the next one; any
+    other refusal (an ``ErrorEvent`` reply) is raised as is.
     """
+    for worker in (placement.least_loaded(stage) if placement else [])[:PLACEMENT_TRIES]:
+        try:
+            reply = await bus.request(bus.subjects.work_direct(stage, worker), frame,
+                                      timeout=timeout_s)
+        except StageUnavailable as e:
+            if e.reason != "no_responders" and not idempotent:
+                raise
+            continue  # gone since its last heartbeat
+        except VoxbusError as e:
+            if e.code != Full.code:
+                raise
+            continue
+        placement.note_work(worker)
+        return reply
     last: StageUnavailable | None = None
     for attempt in range(attempts):
         try:

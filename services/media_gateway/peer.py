@@ -130,7 +130,8 @@ class PeerSession:
                                      (self.subjects.events(self.session), self._on_event)):
             self._subs.append(await self.bus.subscribe(sub_subject, handler))
         await ask(self.bus, Stage.ORCHESTRATOR, SessionStart(
-            session=self.session, sample_rate=WIRE_RATE, agent=self.agent), timeout_s=15.0)
+            session=self.session, sample_rate=WIRE_RATE, agent=self.agent), timeout_s=15.0,
+            placement=self.gateway.liveness)
         await pc.setLocalDescription(await pc.createAnswer())
         self._spawn(self._watch_idle())
         self._set_state("listening")

@@ -22,6 +22,7 @@ from aiortc import RTCConfiguration, RTCIceServer
 from services.media_gateway.peer import PeerSession
 from services.media_gateway.tokens import TokenAuthority, TokenError, generate_secret
 from voxbus.errors import VoxbusError
+from voxbus.liveness import Liveness
 from voxbus.runner import Service
 from voxbus.subjects import Stage
 
@@ -43,6 +44,8 @@ class GatewayWorker(Service):
         self.peers: dict[str, PeerSession] = {}
         self.http_port: int | None = None
         self._site_runner: web.AppRunner | None = None
+        self.liveness: Liveness | None = None
+        """The orchestrators' heartbeats: a new session goes to the least loaded."""
 
     def sessions(self) -> list[str]:
         return sorted(self.peers)
@@ -64,6 +67,7 @@ class GatewayWorker(Service):
     # --- lifecycle ------------------------------------------------------------------
 
     async def on_start(self) -> None:
+        self.liveness = await Liveness(self.bus, self.settings.lease_s).watch(Stage.ORCHESTRATOR)
         app = web.Application(client_max_size=MAX_BODY, middlewares=[_api_errors])
         app.router.add_get("/", self._index)
         app.router.add_static("/static/", WEB_DIR, show_index=False)
@@ -84,6 +88,8 @@ class GatewayWorker(Service):
         await self.on_drain()
         if self._site_runner:
             await self._site_runner.cleanup()
+        if self.liveness:
+            await self.liveness.close()
 
     # --- HTTP -------------------------------------------------------------------------
 

@@ -96,7 +96,8 @@ class SttLink:
                 backlog, last = b"".join(p for _, p in kept), kept[-1][0]
         claimed = await ask(self.r.bus, Stage.STT, SttClaim(
             session=self.r.session, sample_rate=self.r.sample_rate, backlog=backlog,
-            backlog_seq=last, backlog_speaking=bool(backlog) and self.speaking), timeout_s=5.0)
+            backlog_seq=last, backlog_speaking=bool(backlog) and self.speaking), timeout_s=5.0,
+            placement=self.r.worker.liveness)
         if not isinstance(claimed, SttClaimed):
             raise VoxbusError(f"STT claim answered with {type(claimed).__name__}")
         self.worker = claimed.worker

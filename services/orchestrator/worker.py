@@ -67,6 +67,7 @@ class OrchestratorWorker(Service):
         if not isinstance(frame, SessionStart):
             raise TypeError(f"expected SessionStart, got {type(frame).__name__}")
         if frame.session not in self.runners:
+            self.refuse_if_full(f"session {frame.session}")
             agent = load_agent(frame.agent, self.settings.agents_dir)  # AgentError says why not
             runner = SessionRunner(self, frame.session, frame.sample_rate, agent)
             # The STT stream is claimed first: without it the session cannot hear anything.

@@ -205,6 +205,7 @@ class SttWorker(Service):
         if not isinstance(frame, SttClaim):
             raise TypeError(f"expected SttClaim, got {type(frame).__name__}")
         if frame.session not in self.streams:
+            self.refuse_if_full(f"session {frame.session}")
             stream = SessionStream(self, frame.session, frame.sample_rate)
             self.streams[frame.session] = stream
             await stream.start(frame)
