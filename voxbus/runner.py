@@ -131,7 +131,8 @@ class Service:
     # --- lifecycle ------------------------------------------------------------------
 
     async def start(self, bus: Bus | None = None) -> Service:
-        self.bus = bus or await Bus.connect(self.settings.nats_url, self.subjects, self.worker_id)
+        self.bus = bus or await Bus.connect(self.settings.nats_url, self.subjects, self.worker_id,
+                                            auth=self.settings.nats_auth)
         await self.on_start()
         await self.subscribe(self.subjects.worker_ctl(self.worker_id), self._on_control,
                              expect=Drain)
