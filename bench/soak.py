@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import re
 import tempfile
 import time
 import uuid
@@ -250,7 +251,8 @@ async def main(args) -> None:
     codes = Counter(e.split(": ")[0] + ": " + e.split(": ")[1] for t in turns for e in t.errors)
     if codes:
         print("errors by stage and code: " + ", ".join(f"{k} x{n}" for k, n in codes.most_common()))
-        for example in dict.fromkeys(e for t in turns for e in t.errors).keys():
+        shapes = {re.sub(r"[0-9a-f]{12}|\d+", "N", e): e for t in turns for e in t.errors}
+        for example in shapes.values():
             print(f"  e.g. {example[:300]}")
     print(f"* {args.sessions} sessions, each one long conversation for {args.minutes:g} min; "
           f"stages: {'in this process' if args.in_process else 'one process each'}; "

@@ -351,7 +351,10 @@ class Settings:
     openai_api_key: str = field(default_factory=lambda: _env("OPENAI_API_KEY", "sk-local"))
     llm_model: str = field(default_factory=lambda: _env("VOXBUS_LLM_MODEL", "smollm2"))
     llm_max_tokens: int = field(default_factory=lambda: _int(
-        "VOXBUS_LLM_MAX_TOKENS", 80, minimum=1, what="a whole number of tokens, 1 or more"))
+        "VOXBUS_LLM_MAX_TOKENS", 48, minimum=1, what="a whole number of tokens, 1 or more"))
+    """A spoken reply's cap (~35 words, ~12 s of speech): every token is endpoint time that the
+    sessions queued behind it wait for (the 10-minute soak at 80 spent a third of its turns on
+    the fallback line, queued past the give-up)."""
     llm_context_chars: int = field(default_factory=lambda: _int(
         "VOXBUS_LLM_CONTEXT_CHARS", 3000, minimum=500,
         what="a whole number of characters, 500 or more"))
