@@ -12,18 +12,26 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import replace
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
-from nats.errors import NoRespondersError
+from nats.errors import NoRespondersError, SlowConsumerError
 from nats.errors import TimeoutError as NatsTimeout
 
 from voxbus import nats_auth
 from voxbus.config import NatsAuth
 from voxbus.errors import StageUnavailable, VoxbusError
+from voxbus.metrics import (
+    BUS_HOP,
+    ERRORS_REPORTED,
+    NATS_DISCONNECTS,
+    NATS_RECONNECTS,
+    SLOW_CONSUMERS,
+)
 from voxbus.subjects import Event, Stage, Subjects
 from voxbus.wire import ErrorEvent, Frame, WireError, decode, encode
 
@@ -37,6 +45,23 @@ REPLY_HEADER = "Voxbus-Reply"
 """On a work request's session copy: the reply subject the original asked for."""
 
 Handler = Callable[[Frame, Msg], Awaitable[None]]
+
+TRACE: ContextVar[str | None] = ContextVar("voxbus_trace", default=None)
+"""The trace of the message being handled. Set around every handler call from the message's
+``Voxbus-Trace`` header and inherited by the tasks the handler starts, so what a replica
+publishes (and logs) while doing a turn's work carries that turn's trace without passing it."""
+
+
+def new_trace() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+class TraceLogFilter(logging.Filter):
+    """Puts the current trace on every log record (``%(trace)s``; ``-`` outside any)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.trace = TRACE.get() or "-"
+        return True
 
 
 def now_us() -> int:
@@ -63,6 +88,7 @@ class _ConnectionLog:
         self.refusal = ""
         """Set when the server refused who we are (Authorization Violation) before we were
         ever connected: retrying with the same credentials cannot help."""
+        self.slow_sids: set[int] = set()
         self.on_reconnected: list[Callable[[], None]] = []
         """Told when the connection is back (see :meth:`Bus.on_reconnected`)."""
 
@@ -74,6 +100,14 @@ class _ConnectionLog:
         return self.last_server or self.url
 
     async def error(self, e: Exception) -> None:
+        if isinstance(e, SlowConsumerError):
+            # Per dropped message: counted, and logged once per subscription, not per message.
+            SLOW_CONSUMERS.inc()
+            if e.sid not in self.slow_sids:
+                self.slow_sids.add(e.sid)
+                log.warning("%s: NATS dropped messages on %s: its handler falls behind",
+                            self.service, e.subject)
+            return
         text = _describe(e)
         if not self.connected and _refusal(text) and not self.refused.is_set():
             self.refusal = text
@@ -84,10 +118,12 @@ class _ConnectionLog:
 
     async def disconnected(self) -> None:
         if self.connected and not self.nc.is_closed:  # closed: we hung up ourselves
+            NATS_DISCONNECTS.inc()
             log.warning("%s: lost NATS at %s; reconnecting", self.service, self._server())
 
     async def reconnected(self) -> None:
         self.last_error = ""
+        NATS_RECONNECTS.inc()
         log.info("%s: reconnected to NATS at %s", self.service, self._server())
         for callback in list(self.on_reconnected):
             try:
@@ -172,6 +208,7 @@ class Bus:
         self.bad_frames = 0
         self._work_stages = {subjects.work(stage): stage for stage in Stage}
         self._events = events
+        self._traces: dict[str, str] = {}
 
     def on_reconnected(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` (on the event loop; it must not block) each time the connection
@@ -254,15 +291,33 @@ class Bus:
         if not self.nc.is_closed:
             await self.nc.drain()
 
+    # --- traces -----------------------------------------------------------------------
+
+    def set_trace(self, session: str, trace: str | None) -> None:
+        """What this process publishes for ``session`` from now on carries ``trace`` (the
+        session's owner sets one per turn); None forgets the session."""
+        if trace is None:
+            self._traces.pop(session, None)
+        else:
+            self._traces[session] = trace
+
+    def _trace_for(self, session: str | None, frame: Frame) -> str | None:
+        if session is None:
+            session = getattr(frame, "session", None)
+        return (self._traces.get(session) if isinstance(session, str) else None) or TRACE.get()
+
     # --- publish ----------------------------------------------------------------------
 
     async def publish(
         self, subject: str, frame: Frame, *, trace: str | None = None, reply: str = ""
     ) -> None:
+        """``trace``: default, the session's current one (``set_trace``), else the trace of
+        the message being handled."""
         headers = {SENT_HEADER: str(now_us())}
+        session = Subjects.session_of(subject)
+        trace = trace or self._trace_for(session, frame)
         if trace:
             headers[TRACE_HEADER] = trace
-        session = Subjects.session_of(subject)
         if session:
             headers[SESSION_HEADER] = session
         data = encode(frame)
@@ -287,6 +342,9 @@ class Bus:
         headers = {SENT_HEADER: str(now_us()), SESSION_HEADER: session}
         if reply:
             headers[REPLY_HEADER] = reply
+        trace = self._trace_for(session, frame)
+        if trace:
+            headers[TRACE_HEADER] = trace
         try:
             await self.nc.publish(copy, data, headers=headers)
         except Exception as e:  # the recording's copy must never fail the request itself
@@ -296,8 +354,10 @@ class Bus:
         """Request-reply to a queue group; a missing stage is ``StageUnavailable``."""
         data = encode(frame)
         await self._copy_work(subject, frame, data, "")
+        trace = self._trace_for(None, frame)
         try:
-            msg = await self.nc.request(subject, data, timeout=timeout)
+            msg = await self.nc.request(subject, data, timeout=timeout,
+                                        headers={TRACE_HEADER: trace} if trace else None)
         except NoRespondersError:
             raise StageUnavailable(f"no replica is listening on {subject}",
                                    reason="no_responders") from None
@@ -319,8 +379,13 @@ class Bus:
         event = ErrorEvent(
             service=self.service, code=code, message=message, subject=subject, retryable=retryable
         )
+        ERRORS_REPORTED.labels(code).inc()
+        headers = {SENT_HEADER: str(now_us())}
+        trace = self._trace_for(session, event)
+        if trace:
+            headers[TRACE_HEADER] = trace
         try:
-            await self.nc.publish(target, encode(event))
+            await self.nc.publish(target, encode(event), headers=headers)
         except Exception as e:  # reporting must never take the service down
             log.warning("could not publish error event: %s", e)
 
@@ -356,6 +421,11 @@ class Bus:
                 log.error("%s: %s", self.service, message)
                 await self.report("wrong_kind", message, subject=msg.subject)
                 return
+            headers = msg.headers or {}
+            hop = self.hop_ms(msg)
+            if hop is not None:
+                BUS_HOP.labels(type(frame).__name__).observe(max(hop, 0.0) / 1000)
+            token = TRACE.set(headers.get(TRACE_HEADER) or None)
             try:
                 await handler(frame, msg)
             except asyncio.CancelledError:
@@ -369,6 +439,8 @@ class Bus:
                 )
                 if msg.reply:
                     await self._reply_error(msg, code, str(e))
+            finally:
+                TRACE.reset(token)
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 # Unsubscribing cancels this subscription's task; a handler (or library code
@@ -382,10 +454,6 @@ class Bus:
             await msg.respond(encode(ErrorEvent(service=self.service, code=code, message=message)))
         except Exception as e:
             log.warning("could not reply with error: %s", e)
-
-    @staticmethod
-    def trace_of(msg: Msg) -> str:
-        return (msg.headers or {}).get(TRACE_HEADER) or uuid.uuid4().hex[:16]
 
     @staticmethod
     def hop_ms(msg: Msg) -> float | None:

@@ -20,7 +20,7 @@ from nats.aio.subscription import Subscription
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 
 from voxbus import __version__
-from voxbus.bus import Bus
+from voxbus.bus import Bus, TraceLogFilter
 from voxbus.config import Settings
 from voxbus.errors import Full
 from voxbus.subjects import Stage, Subjects
@@ -247,10 +247,15 @@ class Service:
             )
 
         async def healthz(_: web.Request) -> web.Response:
-            ok = self.bus is not None and self.bus.nc.is_connected
-            body = {"worker": self.worker_id, "nats": ok, "draining": self.draining,
-                    "inflight": self.inflight, "sessions": len(self.sessions())}
-            return web.json_response(body, status=200 if ok else 503)
+            # Ready means "send me work": not while NATS is away, nor while draining (a load
+            # balancer or Kubernetes then stops routing here; the process is still alive).
+            connected = self.bus is not None and self.bus.nc.is_connected
+            draining = self.draining or self._drain_task is not None
+            ready = connected and not draining
+            body = {"worker": self.worker_id, "ready": ready, "nats": connected,
+                    "draining": draining, "inflight": self.inflight,
+                    "sessions": len(self.sessions())}
+            return web.json_response(body, status=200 if ready else 503)
 
         app = web.Application()
         app.router.add_get("/metrics", metrics)
@@ -262,8 +267,14 @@ class Service:
         return site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(trace)s]: %(message)s"
+"""``trace``: the turn being worked on (``Voxbus-Trace``), so one turn greps across services."""
+
+
 def configure_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=level, format=LOG_FORMAT)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(TraceLogFilter())
     # Pipecat logs through loguru at DEBUG by default; keep services readable.
     with contextlib.suppress(Exception):
         import sys

@@ -21,9 +21,11 @@ from aiortc.mediastreams import MediaStreamError
 from nats.aio.msg import Msg
 
 from services.media_gateway.audio_tracks import AgentAudioTrack, InboundResampler
+from services.media_gateway.metrics import AUDIO_UNDERRUNS
 from voxbus.audio import WIRE_RATE
 from voxbus.bus import now_us
 from voxbus.errors import VoxbusError
+from voxbus.metrics import observe_turn
 from voxbus.stage_call import ask
 from voxbus.subjects import Stage
 from voxbus.wire import (
@@ -230,10 +232,13 @@ class PeerSession:
         if self._listen_timer:
             self._listen_timer.cancel()
             self._listen_timer = None
+            if not self._awaiting_audio:
+                AUDIO_UNDERRUNS.inc()  # the reply went on after a gap the user heard
         if self._awaiting_audio:
             self._awaiting_audio = False
             if self._speech_end_at is not None:
                 e2e = (time.monotonic() - self._speech_end_at) * 1000
+                observe_turn("e2e_latency", e2e / 1000, Stage.GATEWAY.value)
                 self.send({"type": "metric", "turn": self._turn, "name": "e2e_latency",
                            "ms": round(e2e, 1)})
         self._set_state("speaking")

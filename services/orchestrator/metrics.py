@@ -10,3 +10,7 @@ STT_HANDOVERS = Counter("voxbus_stt_handovers_total",
 FALLBACKS = Counter("voxbus_fallback_lines_total",
                     "Turns answered with the agent's fallback line, by the stage that failed",
                     ["stage"])
+INTERRUPTIONS = Counter("voxbus_interruptions_total",
+                        "Times the user spoke over the agent and the agent stopped")
+ADOPTIONS = Counter("voxbus_adoptions_total",
+                    "Sessions this replica took over from an owner that went silent")

@@ -43,14 +43,15 @@ from pipecat.turns.user_turn_strategies import UserTurnStrategies
 
 from services.orchestrator.agent import load_flow
 from services.orchestrator.echo_gate import EchoGate
-from services.orchestrator.metrics import FALLBACKS, STAGE_ERRORS
+from services.orchestrator.metrics import FALLBACKS, INTERRUPTIONS, STAGE_ERRORS
 from services.orchestrator.proxies import BusAudioOutput, RemoteSTT, RemoteTTS
 from services.orchestrator.remote_llm import RemoteLLM
 from services.orchestrator.session_store import Fenced, SessionRecord
 from services.orchestrator.stt_link import SttLink
 from voxbus.audio import WIRE_RATE
-from voxbus.bus import now_us
+from voxbus.bus import new_trace, now_us
 from voxbus.errors import StageUnavailable, VoxbusError
+from voxbus.metrics import observe_turn
 from voxbus.pipecat_host import FrameTap, HostedPipeline
 from voxbus.stage_call import StageCall
 from voxbus.subjects import Event, Stage
@@ -92,6 +93,10 @@ class SessionRunner:
         self.turn = 0
         self.tool_calls: list[str] = []
         self._speech_stopped_at: float | None = None
+        self._answer_due_since: float | None = None
+        """When the user stopped speaking, until the first audio of the agent's answer."""
+        self.trace: str | None = None
+        """This turn's trace id: what any service publishes or logs for the turn carries it."""
         self._subs = []
         settings = worker.settings
 
@@ -200,6 +205,7 @@ class SessionRunner:
                 log.debug("unsubscribe: %s", e)
         self._subs = []
         await self.pipeline.stop()
+        self.bus.set_trace(self.session, None)
 
     # --- inputs ---------------------------------------------------------------------
 
@@ -298,8 +304,11 @@ class SessionRunner:
         """The user's turn ended and the context goes to the LLM: a new turn id (saved, so a
         replica taking over knows the turn and the words it has to answer)."""
         self.turn += 1
+        self.trace = new_trace()
+        self.bus.set_trace(self.session, self.trace)
         self.save_soon()
         self.tool_calls: list[str] = []
+        self._answer_due_since = self._speech_stopped_at
         if self._speech_stopped_at is not None:
             eou = (time.monotonic() - self._speech_stopped_at) * 1000
             self.worker.spawn(self.metric("eou_delay", eou, self.turn))
@@ -310,6 +319,8 @@ class SessionRunner:
     async def interrupted(self) -> None:
         # Whatever any replica still does for this turn (a queued sentence, the loser of a
         # hedged call) stops: the user is talking.
+        INTERRUPTIONS.inc()
+        self._answer_due_since = None
         await self.bus.publish(self.subjects.ctl(self.session),
                                Cancel(session=self.session, turn=self.turn))
         self.save_soon()
@@ -320,6 +331,9 @@ class SessionRunner:
         await self.bus.publish(self.subjects.event(self.session, kind), frame)
 
     async def publish_audio(self, frame: Frame, play_at: float | None = None) -> None:
+        if isinstance(frame, AudioOut) and self._answer_due_since is not None:
+            e2e, self._answer_due_since = time.monotonic() - self._answer_due_since, None
+            self.worker.spawn(self.metric("e2e_latency", e2e * 1000, frame.turn))
         if self.echo_gate:
             if isinstance(frame, AudioOut):
                 self.echo_gate.reference(frame.pcm, play_at or time.monotonic())
@@ -390,6 +404,7 @@ class SessionRunner:
             self.worker.fallback_audio[key] = (bytes(pcm), rate)
 
     async def metric(self, name: str, value_ms: float, turn: int) -> None:
+        observe_turn(name, value_ms / 1000, Stage.ORCHESTRATOR.value)
         await self.publish_event(Event.METRIC, Metric(name=name, value_ms=value_ms, turn=turn))
 
     async def report(self, code: str, message: str) -> None:

@@ -16,6 +16,7 @@ import time
 from nats.aio.msg import Msg
 
 from services.orchestrator.agent import AgentError, load_agent
+from services.orchestrator.metrics import ADOPTIONS
 from services.orchestrator.session import SessionRunner
 from services.orchestrator.session_store import SessionRecord, SessionStore
 from voxbus.bus import now_us
@@ -166,6 +167,7 @@ class OrchestratorWorker(Service):
         await runner.start()
         runner.save_soon()
         self.spawn(runner.prepare_fallback(), name=f"{record.session}-fallback")
+        ADOPTIONS.inc()
         log.warning("%s adopted session %s from %s at node %s, turn %d (state %.1f s old, "
                     "resumed in %.0f ms)", self.worker_id, record.session, seen.owner or "-",
                     record.node, record.turn, (now_us() - silent_since) / 1e6,

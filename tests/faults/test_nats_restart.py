@@ -8,6 +8,7 @@ import time
 from dataclasses import replace
 
 import pytest
+from prometheus_client import REGISTRY
 
 from services.llm.worker import LlmWorker
 from services.orchestrator.session_store import SessionStore
@@ -45,6 +46,7 @@ async def test_session_survives_a_nats_server_restart(own_nats, settings, speak)
                 orchestrator]
     for svc in services:
         await svc.start()
+    reconnects = REGISTRY.get_sample_value("voxbus_nats_reconnects_total") or 0.0
     try:
         async with Caller(s, "chat") as caller:
             start = time.monotonic()
@@ -66,6 +68,8 @@ async def test_session_survives_a_nats_server_restart(own_nats, settings, speak)
             assert orchestrator.runners.get(caller.session), "the session was dropped"
             assert time.monotonic() - restarted < 60
             assert not [e for e in errors(caller) if not e.retryable], errors(caller)
+            # Each of the four services (and the caller) counted its reconnect.
+            assert REGISTRY.get_sample_value("voxbus_nats_reconnects_total") >= reconnects + 4
         # What JetStream held survived the restart: the session's recording (both turns) and
         # its stored state (the store still follows the bucket).
         async with Recorder(s.nats_url, s.prefix) as recorder:

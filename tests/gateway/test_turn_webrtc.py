@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from prometheus_client import REGISTRY
 
 from services.media_gateway.client import GatewayClient
 from voxbus.audio import read_wav
@@ -12,7 +13,14 @@ from voxbus.audio import read_wav
 pytestmark = pytest.mark.slow
 
 
+def _played_e2e() -> float:
+    """Turns whose first agent audio the gateway played (its ``e2e_latency`` samples)."""
+    return REGISTRY.get_sample_value("voxbus_e2e_latency_seconds_count",
+                                     {"stage": "gateway"}) or 0.0
+
+
 async def test_turn_over_webrtc(gateway, stages, speech_wav):
+    played = _played_e2e()
     client = GatewayClient(gateway.url)
     try:
         session = await client.connect()
@@ -27,6 +35,7 @@ async def test_turn_over_webrtc(gateway, stages, speech_wav):
         assert "thinking" in states and "speaking" in states, states
         names = {e["name"] for e in client.events if e["type"] == "metric"}
         assert {"stt_ttfs", "llm_ttft", "tts_ttfa", "e2e_latency"} <= names, names
+        assert _played_e2e() >= played + 1  # and counted for the operator's dashboard
     finally:
         await client.close()
     # Hanging up ends the session in every stage.
