@@ -31,22 +31,12 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from harness import (
-    AGENT,
-    FIGURES,
-    Caller,
-    MonitoredNats,
-    Procs,
-    Turn,
-    agents_dir,
-    log,
-    make_utterances,
-    rss_mib,
-    table,
-)
+from harness import AGENT, MonitoredNats, Procs, agents_dir, log, rss_mib
 
+from voxbus.caller import FIGURES, Caller, Turn, make_utterances
 from voxbus.config import Settings
 from voxbus.llm_server import MODEL_ALIAS, LocalLlmServer
+from voxbus.load import converse, table
 from voxbus.recording import Recorder
 
 STAGES = ("stt", "llm", "tts", "orchestrator")
@@ -105,13 +95,9 @@ class System:
                 "tasks": len(asyncio.all_tasks()) if self.services else None}
 
 
-async def converse(caller: Caller, utterances, until: float, rng: random.Random) -> None:
-    while time.monotonic() < until and not caller.ended:
-        u = rng.choice(utterances)
-        turn = await caller.say(u, turn_timeout_s=TURN_TIMEOUT_S)
-        ok = caller.last_audio_at >= turn.started_at
-        log(f"  {caller.name} [{u.voice}] {u.text!r} -> {'answer' if ok else 'NO AUDIO'}")
-        await asyncio.sleep(rng.uniform(1.5, 4.0))
+def said(caller: Caller, turn: Turn, u) -> None:
+    ok = caller.last_audio_at >= turn.started_at
+    log(f"  {caller.name} [{u.voice}] {u.text!r} -> {'answer' if ok else 'NO AUDIO'}")
 
 
 def pct(values) -> str:
@@ -218,8 +204,9 @@ async def main(args) -> None:
             for k in range(args.sessions):
                 c = await Caller(nats.url, prefix, AGENT, f"caller{k}", keep_audio=False).start()
                 callers.append(c)
-                tasks.append(asyncio.create_task(
-                    converse(c, utterances, until, random.Random(rng.random()))))
+                tasks.append(asyncio.create_task(converse(
+                    c, utterances, until, random.Random(rng.random()), pause_s=(1.5, 4.0),
+                    turn_timeout_s=TURN_TIMEOUT_S, on_turn=said)))
                 await asyncio.sleep(2.0)
             await asyncio.gather(*tasks)
             sampler.cancel()

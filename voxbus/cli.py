@@ -1,5 +1,5 @@
 """The one entry point: ``voxbus up | talk | record | sessions | replay | token | ctl | control |
-<stage>``."""
+bench | <stage>``."""
 
 from __future__ import annotations
 
@@ -186,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_parser(name, help=f"run one {name} replica (configured by environment)")
     sub.add_parser("control", help="run the gRPC control plane (VOXBUS_CONTROL_*)")
     _add_ctl_parser(sub)
+    from voxbus.load import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
 
     p_token = sub.add_parser("token", help="mint a gateway session token (VOXBUS_GATEWAY_SECRET)")
     p_token.add_argument("--agent", default="chat")
@@ -236,6 +239,13 @@ def main(argv: list[str] | None = None) -> int:
             return e.status
         except KeyboardInterrupt:
             return 0
+    if args.cmd == "bench":
+        from voxbus.load import run as bench_load
+
+        try:
+            return bench_load(args)
+        except KeyboardInterrupt:
+            return 130
     if args.cmd in ("sessions", "record", "replay"):
         from voxbus.errors import VoxbusError
         try:
