@@ -202,9 +202,9 @@ async def main(args) -> None:
     if len(caps) == 2 and caps[0]:
         print(f"capacity x{caps[1] / caps[0]:.2f} with {args.llm[1]} LLM replicas instead of "
               f"{args.llm[0]}")
-    print(f"* LLM demand per session: the LLM seconds a session asks for per second of "
-          f"conversation (turns x {args.delay:g} s / (sessions x step)); the stage serves "
-          f"replicas x {args.llm_capacity} requests at once, so it saturates at replicas x "
+    print(f"* LLM demand per session: the LLM seconds a session asks for per second it "
+          f"talks (its turns x {args.delay:g} s over its time), over the good steps; the stage "
+          f"serves replicas x {args.llm_capacity} requests at once, so it saturates at replicas x "
           f"{args.llm_capacity} / demand sessions; queueing before that is what the p95 "
           "bound sees")
     print(f"* first-frame deadline {args.first_frame:g} s (VOXBUS_STAGE_FIRST_FRAME_S): above "
@@ -222,9 +222,9 @@ if __name__ == "__main__":
                         help="requests per LLM replica at once (default 1)")
     parser.add_argument("--llm", default="1,2", help="LLM replica counts to compare")
     parser.add_argument("--p95", type=float, default=None,
-                        help="e2e p95 bound, ms (default: delay + 2 s)")
-    parser.add_argument("--step-for", type=float, default=30.0,
-                        help="seconds each step talks after its ramp (default 30)")
+                        help="e2e p95 bound, ms (default: delay + 2.5 s)")
+    parser.add_argument("--step-for", type=float, default=40.0,
+                        help="seconds each step talks after its ramp (default 40)")
     parser.add_argument("--pause", default="1.5-4", help="callers' pause after a reply, s")
     parser.add_argument("--first-frame", type=float, default=None,
                         help="VOXBUS_STAGE_FIRST_FRAME_S (default: delay + 1.5 s)")
@@ -233,6 +233,6 @@ if __name__ == "__main__":
     parser.add_argument("--json", action="store_true")
     a = parser.parse_args()
     a.llm = [int(x) for x in a.llm.split(",")]
-    a.p95 = a.p95 if a.p95 is not None else a.delay * 1000 + 2000
+    a.p95 = a.p95 if a.p95 is not None else a.delay * 1000 + 2500
     a.first_frame = a.first_frame if a.first_frame is not None else a.delay + 1.5
     asyncio.run(main(a))

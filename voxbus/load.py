@@ -499,30 +499,35 @@ def judge(result: LoadResult, bound_ms: float) -> Step:
 
 def format_capacity(cap: Capacity) -> str:
     head = ["sessions", "turns", "answered", "fallback", "e2e p50", "e2e p95", "busiest stage",
-            "util", "full", "verdict"]
+            "util", "full", "its p95", "verdict"]
+    own = {stage: name for name, stage in FIGURE_STAGE.items() if stage}
     rows = []
     for s in cap.steps:
         r = s.result
+        verdict = "ok" if s.ok else f"over: {s.why}"
         if r is None:
-            rows.append([str(s.sessions), "", "", "", "", _ms(s.p95_ms), "", "", "",
-                         "ok" if s.ok else f"over: {s.why}"])
+            rows.append([str(s.sessions), "", "", "", "", _ms(s.p95_ms), "", "", "", "",
+                         verdict])
             continue
         used = {k: u for k, u in r.stages.items() if u.utilization is not None}
         busiest = max(used, key=lambda k: used[k].utilization, default="")
         use = used.get(busiest)
+        figures = r.figures()
         rows.append([str(s.sessions), str(len(r.turns)), str(r.answered), str(r.fallback),
-                     _ms(r.figures()["e2e_latency"]["p50"]), _ms(s.p95_ms),
+                     _ms(figures["e2e_latency"]["p50"]), _ms(s.p95_ms),
                      f"{busiest} x{use.replicas}" if use else "-",
                      _share(use.utilization if use else None),
                      "-" if use is None else f"{use.full:.0%}",
-                     "ok" if s.ok else f"over: {s.why}"])
+                     f"{own[busiest]} {_ms(figures[own[busiest]]['p95'])}" if use else "-",
+                     verdict])
     bad = (f"; {cap.first_bad} did not" if cap.first_bad is not None
            else " (the search's ceiling; more were not tried)")
     return "\n".join([
         table(head, rows), "",
         f"capacity: {cap.sessions} concurrent sessions keep e2e p95 <= {cap.bound_ms:g} ms{bad}",
         "* e2e p95 counts unanswered turns and fallback lines as misses (over any bound); "
-        "steps double from 1, then bisect between the last good and the first bad count",
+        "steps double from 1, then bisect between the last good and the first bad count; "
+        "its p95: the busiest stage's own figure (a queue in front of it shows there)",
     ])
 
 
