@@ -175,6 +175,15 @@ async def stop_all(services) -> None:
         await svc.stop()
 
 
+async def recorder_leader_since(url: str, prefix: str) -> float:
+    """When (on this clock) the recording stream's current leader took over."""
+    async with Recorder(url, prefix) as recorder:
+        info = await recorder.js.stream_info(recorder.stream)
+    since = info.cluster.leader_since
+    assert since is not None, info.cluster
+    return time.monotonic() - (time.time() - since.timestamp())
+
+
 async def recorded_turns(url: str, prefix: str, session: str):
     async with Recorder(url, prefix) as recorder:
         rec = await recorder.export(session)
@@ -259,12 +268,22 @@ async def test_session_moves_to_another_node_when_its_node_is_killed(cluster, pr
                 await probe.close()
             assert not orchestrator.store._watch_task.done(), "the store stopped following"
 
+            # The recording stream has its new leader now (``replicated`` waited for it): a
+            # turn from here on is stored. (Turns spoken during the election, which took 5 to
+            # 11 s on this 2-core box, are answered but not recorded: see below.)
+            await bounded(agent_done(caller), 40, "the third answer played")
+            fourth = time.monotonic()
+            caller.say(read_wav(speak("See you tomorrow.")))
+            await bounded(answer_to(caller, fourth, "tomorrow"), 50, "the fourth answer")
+            await bounded(agent_done(caller), 40, "the fourth answer played")
+            elected = await retrying(lambda: recorder_leader_since(survivors, s.prefix))
+
         # The recording is read through the stream's new leader, which may still be catching
         # up on what the others stored: read again for a while before judging it.
         deadline = time.monotonic() + 20
         while True:
             rec, said_rec, heard = await recorded_turns(survivors, s.prefix, caller.session)
-            if ("there" in heard and "much" in heard) or time.monotonic() > deadline:
+            if ("there" in heard and "tomorrow" in heard) or time.monotonic() > deadline:
                 break
             await asyncio.sleep(1)
         seqs = sorted({m.frame().seq for m in rec.messages
@@ -273,20 +292,17 @@ async def test_session_moves_to_another_node_when_its_node_is_killed(cluster, pr
         gap_s = max(b.t_us - a.t_us for a, b in itertools.pairwise(rec.messages)) / 1e6
         print(f"recording: {len(rec.messages)} messages, agent texts {len(said_rec)}, user audio "
               f"frames missing {missing} of {seqs[-1] - seqs[0] + 1} ({missing * 0.02:.2f} s), "
-              f"longest gap {gap_s:.2f} s; transcripts {heard!r}")
-        # Recorded frames are published without acknowledgement: those sent while the
-        # stream elects a new leader (the killed node led it) are not stored. What was
-        # stored before the kill survives on the other nodes, and recording resumes.
+              f"longest gap {gap_s:.2f} s, stream leader elected {elected - killed:.1f} s after "
+              f"the kill; transcripts {heard!r}")
+        # Recorded frames are published without acknowledgement (capture adds nothing to the
+        # live path): those sent while JetStream elects the stream's new leader (the killed
+        # node led it) are not stored. What was stored before the kill survives on the other
+        # nodes, and recording resumes once the stream has its leader.
         assert "there" in heard, heard  # stored before the kill: never lost
-        if "much" not in heard:
-            # Known, open (issue 10's note): in about 1 run in 3 the recording stream, led by
-            # the killed node, stores nothing more for the rest of the test (20 s and more
-            # after its re-election). Reported as an expected failure with what was lost, so
-            # the session's own survival above still gates the suite.
-            pytest.xfail(f"recording did not resume after its leader node was killed: "
-                         f"transcripts recorded {heard!r}")
+        assert "tomorrow" in heard, heard  # spoken after the election: recorded again
         assert len(said_rec) >= 2, [m.subject for m in rec.messages][-20:]
-        assert missing * 0.02 < 10.0 and gap_s < 10.0, (missing, gap_s)
+        # The gap is the election, not the rest of the session.
+        assert gap_s < elected - killed + 5, (gap_s, elected - killed)
     finally:
         await bounded(stop_all(services), 60, "stopping the services")
 
