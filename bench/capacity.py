@@ -43,6 +43,7 @@ from voxbus.load import (
     parse_pause,
     run_load,
     table,
+    to_json,
     warm_up,
 )
 from voxbus.natsd import free_port
@@ -175,10 +176,10 @@ async def main(args) -> None:
         for n in args.llm:
             results[n] = await search(args, n, utterances, tmp)
     if args.json:
-        print(json.dumps({"delay_s": args.delay, "llm_capacity": args.llm_capacity,
-                          "p95_bound_ms": args.p95, "runs": {
-                              f"llm={n}": {**capacity_dict(cap), "endpoint": stats}
-                              for n, (cap, stats) in results.items()}}, default=str))
+        print(to_json({"delay_s": args.delay, "llm_capacity": args.llm_capacity,
+                       "p95_bound_ms": args.p95, "runs": {
+                           f"llm={n}": {**capacity_dict(cap), "endpoint": stats}
+                           for n, (cap, stats) in results.items()}}))
         return
     for n, (cap, stats) in results.items():
         print(f"== voxbus up --scale llm={n}: LLM capacity {args.llm_capacity} per replica, "
