@@ -3,8 +3,10 @@
 
 The subject permissions come from ``voxbus.nats_auth`` (the code that also secures ``voxbus
 up``'s own nats-server), never from a hand-written list, so a deployment cannot drift from what
-the services need. Passwords are not written: each user's password is a NATS variable reference
-(``$NATS_STT_PASSWORD``), resolved from the nats-server's environment when it starts.
+the services need; that includes each role's own inbox (``_INBOX.<role>.>``), which a service
+connecting as that user uses for its replies. Passwords are not written: each user's password
+is a NATS variable reference (``$NATS_STT_PASSWORD``), resolved from the nats-server's
+environment when it starts.
 
     python deploy/render_nats_auth.py --out auth.conf        # the include file (no secrets)
     python deploy/render_nats_auth.py --new-env > .env       # fresh random secrets, one a line

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -77,7 +78,7 @@ class _ConnectionLog:
     """nats-py's connection callbacks as one quiet line per change (its default error callback
     logs a traceback per failed attempt: ~1,600 lines for a few seconds without a server)."""
 
-    def __init__(self, nc: Client, service: str, url: str):
+    def __init__(self, nc: Client, service: str, url: str, auth: NatsAuth | None = None):
         self.nc = nc
         self.service = service
         self.url = url
@@ -88,6 +89,10 @@ class _ConnectionLog:
         self.refusal = ""
         """Set when the server refused who we are (Authorization Violation) before we were
         ever connected: retrying with the same credentials cannot help."""
+        self.tls_failure = ""
+        """Set (with ``refused``) when TLS failed for a reason a retry cannot change (a
+        certificate): :func:`voxbus.nats_auth.tls_failure`."""
+        self.auth = auth
         self.slow_sids: set[int] = set()
         self.on_reconnected: list[Callable[[], None]] = []
         """Told when the connection is back (see :meth:`Bus.on_reconnected`)."""
@@ -109,9 +114,12 @@ class _ConnectionLog:
                             self.service, e.subject)
             return
         text = _describe(e)
-        if not self.connected and _refusal(text) and not self.refused.is_set():
-            self.refusal = text
-            self.refused.set()
+        if not self.connected and not self.refused.is_set():
+            if isinstance(e, ssl.SSLError) and self.auth is not None:
+                self.tls_failure = nats_auth.tls_failure(e, self.auth) or ""
+            if self.tls_failure or _refusal(text):
+                self.refusal = text
+                self.refused.set()
         if text != self.last_error and self.connected:  # the first connection raises instead
             log.warning("%s: NATS at %s: %s", self.service, self._server(), text)
         self.last_error = text
@@ -145,6 +153,11 @@ def _refusal(text: str) -> bool:
 
 class NatsRefused(ConnectionError):
     """The server answered and refused the connection's credentials (or their absence)."""
+
+
+class NatsTLSError(NatsRefused):
+    """TLS with the server cannot work as configured: its certificate is not trusted, it wants
+    a client certificate or refuses ours, or it offers no TLS while we were told to use it."""
 
 
 CREDENTIALS_HINT = ("run it as the user who ran `voxbus up` (it leaves the CLI's credentials "
@@ -235,14 +248,15 @@ class Bus:
 
         ``auth`` (default: :func:`connection_auth`) is passed to nats-py as its own options
         (user/password, token, ``.creds`` file, NKey seed, TLS). A server that refuses them is
-        :class:`NatsRefused` at once, not after every attempt.
+        :class:`NatsRefused` at once, not after every attempt; a certificate problem, or a
+        server without TLS while ``auth`` asks for it, is :class:`NatsTLSError`, also at once.
         """
         servers = nats_servers(url)
         if not servers:
             raise ConnectionError(f"no NATS server in {url!r}")
         auth = connection_auth(url, auth)
         nc = Client()
-        events = _ConnectionLog(nc, service, ",".join(servers))
+        events = _ConnectionLog(nc, service, ",".join(servers), auth)
         connecting = asyncio.ensure_future(asyncio.wait_for(nc.connect(
             servers=servers,
             name=f"voxbus-{service}",
@@ -264,11 +278,20 @@ class Bus:
                 connecting.cancel()
                 with contextlib.suppress(BaseException):
                     await connecting
+                if events.tls_failure:
+                    raise NatsTLSError(f"TLS to NATS at {events.url} failed: "
+                                       f"{events.tls_failure}")
                 reason = events.refusal.removeprefix("nats: ").strip("'")
                 hint = f": {CREDENTIALS_HINT}" if auth.anonymous else ""
                 raise NatsRefused(f"NATS at {events.url} refused the connection "
                                   f"{nats_auth.describe(auth)} ({reason}){hint}")
             connecting.result()
+            if auth.tls and not nc._server_info.get("tls_required"):  # INFO: nats-py keeps it
+                # nats-py only upgrades when the server asks: never run plaintext by mistake.
+                raise NatsTLSError(f"NATS at {events.url} does not use TLS, but "
+                                   "VOXBUS_NATS_TLS_CA / VOXBUS_NATS_TLS_CERT is set: refusing "
+                                   "a plaintext connection (point VOXBUS_NATS_URL at its TLS "
+                                   "port)")
         except NatsRefused:
             await _abandon(nc)
             raise

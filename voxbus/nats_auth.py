@@ -27,13 +27,26 @@ STAGE_ROLES = {Stage.STT: "stt", Stage.LLM: "llm", Stage.TTS: "tts",
                Stage.CONTROL: "control"}
 """The role each stage's replicas connect as."""
 
-INBOX = "_INBOX.>"
-"""Where nats-py's request replies and JetStream API answers arrive (its default prefix)."""
+INBOX = "_INBOX"
+"""nats-py's default inbox prefix. A connection as one of :data:`ROLES` uses its own below it
+(:func:`inbox_prefix`) and may subscribe only there, so no role reads another's replies."""
 
 _ANY = "ANY0x2A"
 """A valid id that stands for "any" while a subject is built; it becomes ``*``."""
 
 JS_API = "$JS.API"
+
+
+def inbox_prefix(role: str) -> str:
+    """Where ``role``'s request replies, JetStream API answers and KV watches arrive:
+    ``_INBOX.<role>`` (nats-py adds ``.<nuid>...``): still under the usual ``_INBOX`` root, and
+    a role name is never a 22-character nuid, so it cannot collide with a default inbox."""
+    return f"{INBOX}.{role}"
+
+
+def inbox(role: str) -> str:
+    """The subscribe permission for ``role``'s own inboxes and nobody else's."""
+    return f"{inbox_prefix(role)}.>"
 
 
 def _every(subject: str) -> str:
@@ -70,7 +83,9 @@ def permissions(role: str, prefix: str = "vox") -> dict[str, Any]:
     """The NATS permissions of ``role`` for subject prefix ``prefix``, as nats-server's
     ``permissions`` block takes them: ``publish``/``subscribe`` allow lists and
     ``allow_responses`` (a replica may answer the requests it receives, once each, on the
-    requester's inbox, without any right to publish on inboxes in general)."""
+    requester's inbox, without any right to publish on inboxes in general). Every role may
+    subscribe to its own inboxes (:func:`inbox`) only: ``_INBOX.>`` would let one role read
+    the replies another role's requests get."""
     if role not in ROLES:
         raise ValueError(f"unknown NATS role {role!r}: one of {', '.join(ROLES)}")
     s = Subjects(prefix)
@@ -110,7 +125,7 @@ def permissions(role: str, prefix: str = "vox") -> dict[str, Any]:
         sends_work(Stage.STT, Stage.LLM, Stage.TTS)
         sub += [_every(s.audio_in(any_)), _every(s.event(any_, Event.TRANSCRIPT)),
                 _every(s.ctl(any_)), _every(s.replies(any_, Stage.LLM)),
-                _every(s.replies(any_, Stage.TTS)), INBOX]
+                _every(s.replies(any_, Stage.TTS))]
         sub += [s.heartbeat(st) for st in (Stage.ORCHESTRATOR, Stage.STT, Stage.LLM, Stage.TTS)]
         pub += [_every(s.audio_out(any_)), _every(s.ctl(any_))]
         pub += [_every(s.event(any_, kind))
@@ -120,12 +135,12 @@ def permissions(role: str, prefix: str = "vox") -> dict[str, Any]:
     elif role == "gateway":
         replica(Stage.GATEWAY)
         sends_work(Stage.ORCHESTRATOR)
-        sub += [_every(s.audio_out(any_)), _every(s.events(any_)), INBOX,
+        sub += [_every(s.audio_out(any_)), _every(s.events(any_)),
                 s.heartbeat(Stage.ORCHESTRATOR)]  # placement: the least-loaded orchestrator
         pub += [_every(s.audio_in(any_)), _every(s.ctl(any_))]
     elif role == "control":
         replica(Stage.CONTROL)
-        sub += [s.all_heartbeats(), s.errors(), INBOX]
+        sub += [s.all_heartbeats(), s.errors()]
         sub += [s.all_events(kind) for kind in (Event.METRIC, Event.TURN, Event.ERROR)]
         pub += [_every(s.ctl(any_)), _every(s.worker_ctl(any_))]  # EndSession, DrainWorker
         pub += _stream_api(_kv_stream(s.sessions_bucket()), write=False)  # reads the bucket
@@ -133,7 +148,7 @@ def permissions(role: str, prefix: str = "vox") -> dict[str, Any]:
         # voxbus talk and live replay: a session's audio in, its end, everything it carries;
         # stage replay: one stage's work, and the VAD events an STT replica follows.
         sends_work(Stage.ORCHESTRATOR, Stage.STT, Stage.LLM, Stage.TTS)
-        sub += [s.all_sessions(), INBOX]
+        sub.append(s.all_sessions())
         pub += [_every(s.audio_in(any_)), _every(s.ctl(any_)), _every(s.event(any_, Event.VAD)),
                 s.errors(), _every(s.event(any_, Event.ERROR))]
         pub += _stream_api(s.recording_stream())  # voxbus sessions / record [--enable]
@@ -142,7 +157,8 @@ def permissions(role: str, prefix: str = "vox") -> dict[str, Any]:
                 f"{JS_API}.STREAM.LIST", _kv_keys(s.sessions_bucket())]
         for stream in (s.recording_stream(), _kv_stream(s.sessions_bucket())):
             pub += _stream_api(stream, admin=True)
-        sub += [f"{prefix}.>", INBOX]
+        sub.append(f"{prefix}.>")
+    sub.append(inbox(role))  # a role that makes no requests today has nothing there to read
     return {"publish": {"allow": _unique(pub)}, "subscribe": {"allow": _unique(sub)},
             "allow_responses": True}
 
@@ -173,10 +189,17 @@ def role_env(role: str, password: str) -> dict[str, str]:
 
 def connect_options(auth: NatsAuth) -> dict[str, Any]:
     """nats-py ``connect()`` keywords for ``auth``: its own user/password, token, ``.creds``
-    and NKey support, and an ``ssl.SSLContext`` for TLS."""
+    and NKey support, and an ``ssl.SSLContext`` for TLS.
+
+    A user named after a role gets that role's inbox prefix: the permissions belong to the
+    user, so the inbox follows the user, not the program (``voxbus record`` run as ``admin``
+    uses ``_INBOX.admin``). Other credentials keep nats-py's ``_INBOX``: voxbus generates no
+    permissions for them."""
     options: dict[str, Any] = {}
     if auth.user:
         options.update(user=auth.user, password=auth.password)
+        if auth.user in ROLES:
+            options["inbox_prefix"] = inbox_prefix(auth.user)
     elif auth.token:
         options["token"] = auth.token
     elif auth.creds:
@@ -189,6 +212,30 @@ def connect_options(auth: NatsAuth) -> dict[str, Any]:
             context.load_cert_chain(auth.tls_cert, auth.tls_key)
         options["tls"] = context
     return options
+
+
+def tls_failure(e: ssl.SSLError, auth: NatsAuth) -> str | None:
+    """What a failed TLS handshake means, as the end of one line (the server's certificate is
+    not trusted, it wants ours, it refused ours); None for a failure worth retrying (the
+    server went away mid-handshake). Retrying cannot change a certificate."""
+    if isinstance(e, ssl.SSLCertVerificationError):
+        why = e.verify_message or e.reason or str(e)
+        if auth.tls_ca:
+            return (f"its certificate is not trusted by the CA in VOXBUS_NATS_TLS_CA "
+                    f"({auth.tls_ca}): {why}")
+        return (f"its certificate is not trusted ({why}): set VOXBUS_NATS_TLS_CA to the PEM "
+                "CA bundle that signed it")
+    reason = (e.reason or "").upper()
+    said = reason.lower().replace("_", " ")
+    if "CERTIFICATE" in reason and ("REQUIRED" in reason or not auth.tls_cert):
+        return ("it requires a client certificate (mutual TLS): set VOXBUS_NATS_TLS_CERT and "
+                "VOXBUS_NATS_TLS_KEY")
+    if "CERTIFICATE" in reason or "UNKNOWN_CA" in reason:
+        return (f"it refused the client certificate in VOXBUS_NATS_TLS_CERT ({auth.tls_cert}): "
+                f"{said}")
+    if "ALERT" in reason or "WRONG_VERSION" in reason or "UNSUPPORTED" in reason:
+        return f"the handshake failed: {said}"
+    return None
 
 
 def describe(auth: NatsAuth) -> str:

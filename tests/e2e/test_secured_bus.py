@@ -1,6 +1,7 @@
 """A whole turn on a nats-server that requires credentials, every stage connected as its own
-role with the permissions ``voxbus up`` generates: the work still flows end to end, the
-recording is exported by the CLI's user and the control plane sees every replica."""
+role with the permissions ``voxbus up`` generates (each on its own role's inbox): the work
+still flows end to end, the recording is exported by the CLI's user and the control plane sees
+every replica."""
 
 from __future__ import annotations
 
@@ -71,6 +72,8 @@ async def test_a_turn_with_every_stage_on_its_own_credentials(
                                     auth=NatsAuth.as_user(role, pw[role]))
             await svc.start(bus=bus)
             started.append(svc)
+            # Its replies and JetStream answers arrive on its own role's inbox, no other.
+            assert bus.nc.new_inbox().startswith(f"_INBOX.{role}."), (role, bus.nc.new_inbox())
         # The CLI's user, from the environment as a deployment would pass it.
         monkeypatch.setenv("VOXBUS_NATS_USER", "client")
         monkeypatch.setenv("VOXBUS_NATS_PASSWORD", pw["client"])

@@ -178,13 +178,16 @@ def test_secrets_stay_out_of_reprs(monkeypatch):
 
 
 def test_permissions_come_from_the_subjects_module():
-    """Every role's allow lists name only this prefix's subjects, inboxes, and JetStream's
-    API for this prefix's own stream and bucket."""
+    """Every role's allow lists name only this prefix's subjects, the role's own inboxes, and
+    JetStream's API for this prefix's own stream and bucket."""
     stream, bucket = S.recording_stream(), S.sessions_bucket()
     for role in ROLES:
         perms = permissions(role, PREFIX)
+        assert [x for x in perms["subscribe"]["allow"] if x.startswith("_INBOX")] == [
+            f"_INBOX.{role}.>"], role
+        assert not [x for x in perms["publish"]["allow"] if x.startswith("_INBOX")], role
         for subject in perms["publish"]["allow"] + perms["subscribe"]["allow"]:
-            assert subject.startswith((PREFIX + ".", "_INBOX.", f"$KV.{bucket}.")) or (
+            assert subject.startswith((PREFIX + ".", f"_INBOX.{role}.", f"$KV.{bucket}.")) or (
                 subject.startswith(("$JS.API.", "$JS.FC."))
                 and (stream in subject or f"KV_{bucket}" in subject
                      or subject in ("$JS.API.INFO", "$JS.API.STREAM.NAMES",
@@ -476,3 +479,145 @@ def test_a_path_is_refused_before_anything_is_read(voice_folder, monkeypatch):
         with pytest.raises(engine.VoiceNotAllowed):
             engine.voice_path(s, bad)
     assert asked == []
+
+
+# --- each role's own inbox -------------------------------------------------------------------
+
+
+def _concrete(subject: str) -> str:
+    return subject.replace(">", "x").replace("*", "x")
+
+
+async def registered(bus: Bus) -> None:
+    """Until the server has this connection's new subscriptions. nats-py 2.16's ``flush``
+    writes its PING straight to the socket, ahead of a SUB still queued for its flusher task,
+    so one flush can return before the server saw the SUB (measured here: 43 requests in 3,000
+    found no responder); the second PING goes out after that SUB."""
+    await bus.nc.flush()
+    await bus.nc.flush()
+
+
+async def test_each_role_requests_on_its_own_inbox(secured):
+    """Every role's request replies come back on ``_INBOX.<role>`` (the connection is that
+    user's): a request/reply works for each under its permissions. The responder is the admin,
+    answering through ``allow_responses`` only."""
+    responder = await connect(secured, "admin")
+    buses: list[Bus] = []
+    try:
+        async def answer(msg) -> None:
+            await msg.respond(b"pong " + msg.data)
+
+        for role in ROLES:
+            bus = await connect(secured, role)
+            buses.append(bus)
+            assert bus.nc.new_inbox().startswith(f"_INBOX.{role}."), role
+            subject = _concrete(next(x for x in permissions(role, PREFIX)["publish"]["allow"]
+                                     if x.startswith(PREFIX + ".")))
+            sub = await responder.nc.subscribe(subject, cb=answer)
+            await registered(responder)
+            reply = await bus.nc.request(subject, role.encode(), timeout=5)
+            assert reply.data == b"pong " + role.encode()
+            assert reply.subject.startswith(f"_INBOX.{role}."), reply.subject
+            await sub.unsubscribe()
+            assert not bus._events.last_error, (role, bus._events.last_error)
+        assert not responder._events.last_error, responder._events.last_error
+    finally:
+        for bus in buses:
+            await bus.close()
+        await responder.close()
+
+
+@pytest.mark.parametrize("role", ROLES)
+async def test_a_role_cannot_subscribe_to_another_roles_inbox(secured, role):
+    """Not to every inbox (``_INBOX.>``), not to any other role's; its own it may."""
+    bus = await connect(secured, role)
+    try:
+        for subject in ["_INBOX.>", "_INBOX.*.>",
+                        *(f"_INBOX.{other}.>" for other in ROLES if other != role)]:
+            bus._events.last_error = ""
+            await bus.nc.subscribe(subject)
+            await bus.nc.flush()
+            said = await violation(bus)
+            assert f'permissions violation for subscription to "{subject.lower()}"' in said, (
+                role, subject, said)
+        bus._events.last_error = ""
+        await bus.nc.subscribe(f"_INBOX.{role}.>")
+        await registered(bus)
+        assert not await violation(bus, expected=False), role
+    finally:
+        await bus.close()
+
+
+@pytest.fixture
+def fresh():
+    """A secured server of its own (JetStream state no other test sees)."""
+    passwords = new_passwords()
+    with NatsServer(authorization=server_config(passwords, PREFIX)) as server:
+        server.passwords = passwords
+        yield server
+
+
+async def test_a_compromised_orchestrator_reads_none_of_the_controls_replies(fresh):
+    """The orchestrator makes requests too, yet it cannot listen where the control service's
+    JetStream answers and request replies arrive; those still reach the control service."""
+    from services.orchestrator.session_store import SessionRecord, SessionStore
+
+    orchestrator = await connect(fresh, "orchestrator")
+    control = await connect(fresh, "control")
+    admin = await connect(fresh, "admin")
+    stores: list[SessionStore] = []
+    try:
+        spied: list[str] = []
+
+        async def spy(msg) -> None:
+            spied.append(msg.subject)
+
+        for subject in ("_INBOX.>", "_INBOX.control.>"):
+            orchestrator._events.last_error = ""
+            await orchestrator.nc.subscribe(subject, cb=spy)
+            await registered(orchestrator)
+            assert "permissions violation for subscription" in await violation(orchestrator)
+        # The orchestrator's own JetStream work: bind (create) the bucket, watch it, write.
+        own = await SessionStore(orchestrator.nc, PREFIX).open()
+        stores.append(own)
+        await own.create(SessionRecord(session="s1", agent="chat", sample_rate=16000,
+                                       owner="orchestrator-1"))
+        # The control service's: bind the bucket read-only and watch it (a consumer that
+        # delivers to the control's inbox), then a request answered by the admin.
+        seen = await SessionStore(control.nc, PREFIX).open()
+        stores.append(seen)
+        for _ in range(100):
+            if "s1" in seen.entries:
+                break
+            await asyncio.sleep(0.05)
+        assert seen.entries["s1"].owner == "orchestrator-1", seen.entries
+
+        async def answer(msg) -> None:
+            await msg.respond(b"ack")
+
+        await admin.nc.subscribe(S.heartbeat(Stage.CONTROL), cb=answer)
+        await registered(admin)
+        reply = await control.nc.request(S.heartbeat(Stage.CONTROL), b"q", timeout=5)
+        assert reply.data == b"ack" and reply.subject.startswith("_INBOX.control.")
+        await asyncio.sleep(0.2)  # anything misdelivered would have arrived by now
+        assert spied == [], spied
+        assert not control._events.last_error, control._events.last_error
+    finally:
+        for store in reversed(stores):
+            await store.close()
+        for bus in (admin, control, orchestrator):
+            await bus.close()
+
+
+async def test_the_clis_jetstream_calls_use_its_own_inbox(fresh):
+    """``voxbus record --enable`` as the admin and ``voxbus sessions`` as the client: each
+    one's JetStream answers arrive on its own inbox."""
+    from voxbus.recording import Recorder
+
+    async with Recorder(fresh.url, PREFIX, auth=auth(fresh, "admin")) as admin:
+        await admin.enable(max_age_s=60, max_bytes=2**20)
+        assert admin.bus.nc.new_inbox().startswith("_INBOX.admin.")
+    async with Recorder(fresh.url, PREFIX, auth=auth(fresh, "client")) as client:
+        assert await client.sessions() == []
+        assert client.bus.nc.new_inbox().startswith("_INBOX.client.")
+        assert not client.bus._events.last_error, client.bus._events.last_error
