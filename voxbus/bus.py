@@ -314,6 +314,19 @@ class Bus:
         if not self.nc.is_closed:
             await self.nc.drain()
 
+    async def sync(self) -> None:
+        """Return once the server has processed everything sent so far (a subscription just
+        made is registered: a request sent now finds it).
+
+        One ``flush`` does not promise that in nats-py 2.16: its PING is written to the socket
+        at once, ahead of commands still queued for its writer task (the SUB just made), so the
+        PONG can come back first (measured: 43 of 3,000 requests right after subscribe and
+        flush got "no responders"). The first flush's PONG means the writer ran, so the queued
+        commands are on the wire before the second PING.
+        """
+        await self.nc.flush()
+        await self.nc.flush()
+
     # --- traces -----------------------------------------------------------------------
 
     def set_trace(self, session: str, trace: str | None) -> None:

@@ -383,7 +383,7 @@ class SessionCapture:
         self.started_at_us = now_us()
         self._sub = await self.bus.nc.subscribe(self.bus.subjects.session_all(self.session),
                                                 cb=self._on)
-        await self.bus.nc.flush()
+        await self.bus.sync()
         return self
 
     async def stop(self) -> None:

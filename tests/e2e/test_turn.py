@@ -54,6 +54,7 @@ async def test_a_turn_is_measured_and_traced_across_services(system, speech_wav,
             pass
 
     await bus.nc.subscribe(">", cb=keep)
+    await bus.sync()
     (turn,) = await talk(system.nats_url, [speech_wav], prefix=system.prefix)
     assert turn.bot_text, turn
     for f in figures:

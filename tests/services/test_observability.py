@@ -47,6 +47,7 @@ async def _watch_all(bus: Bus) -> list:
             pass
 
     await bus.nc.subscribe(">", cb=keep)
+    await bus.sync()
     return seen
 
 
@@ -106,6 +107,7 @@ async def test_bus_hops_errors_and_slow_consumers_are_counted(settings, bus):
         got.set()
 
     await bus.subscribe(bus.subjects.heartbeat(Stage.STT), on_beat)
+    await bus.sync()
     await bus.publish(bus.subjects.heartbeat(Stage.STT), Heartbeat(worker="w", stage="stt"))
     await asyncio.wait_for(got.wait(), 5)
     assert sample("voxbus_bus_hop_seconds_count", kind="Heartbeat") == hops + 1
@@ -120,6 +122,7 @@ async def test_bus_hops_errors_and_slow_consumers_are_counted(settings, bus):
         await release.wait()
 
     await bus.nc.subscribe(f"{settings.prefix}.slow", cb=stuck, pending_msgs_limit=2)
+    await bus.sync()
     for _ in range(20):
         await bus.nc.publish(f"{settings.prefix}.slow", b"x")
     await bus.nc.flush()

@@ -32,7 +32,7 @@ class ScriptedReplica:
         await self.bus.subscribe(subjects.work(Stage.TTS), self._on_request,
                                  queue=subjects.queue_group(Stage.TTS))
         await self.bus.subscribe(subjects.all_ctl(), self._on_ctl)
-        await self.bus.nc.flush()
+        await self.bus.sync()
         return self
 
     async def _on_request(self, frame, msg) -> None:
