@@ -58,7 +58,9 @@ class FixedLatencyLlm:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
-            await asyncio.sleep(self.delay_s)
+            if not await self._wait(request):
+                self.cancelled += 1
+                return web.Response(status=499)  # nobody is listening any more
             if not body.get("stream"):
                 return web.json_response({
                     "id": "chatcmpl-fixed", "object": "chat.completion",
@@ -73,6 +75,17 @@ class FixedLatencyLlm:
             raise
         finally:
             self.in_flight -= 1
+
+    async def _wait(self, request: web.Request) -> bool:
+        """The fixed delay, cut short when the caller hangs up (a cancel, a hedge's loser):
+        aiohttp does not cancel a handler whose client left, and a request nobody waits for
+        must not count as in flight."""
+        until = time.monotonic() + self.delay_s
+        while (left := until - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, 0.05))
+            if request.transport is None or request.transport.is_closing():
+                return False
+        return True
 
     async def _stream(self, request: web.Request, body: dict) -> web.StreamResponse:
         res = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
