@@ -316,6 +316,22 @@ class Settings:
                                               "(0: the stage's default)"))
     """Work items this replica declares it takes at once (its heartbeat's load is measured
     against it); 0 = the stage's default (``voxbus.runner.DEFAULT_CAPACITY``)."""
+    llm_capacity: int = field(default_factory=lambda: _int(
+        "VOXBUS_LLM_CAPACITY", 0, minimum=0, what="a whole number of requests, 0 or more "
+                                                  "(0: VOXBUS_CAPACITY or the default)"))
+    """Requests an LLM replica runs at once, over ``VOXBUS_CAPACITY``: ``voxbus up`` gives
+    every replica the same environment, so this is how one stage's capacity is set there."""
+    tts_capacity: int = field(default_factory=lambda: _int(
+        "VOXBUS_TTS_CAPACITY", 0, minimum=0, what="a whole number of sentences, 0 or more "
+                                                  "(0: VOXBUS_CAPACITY or the default)"))
+    """Sentences a TTS replica synthesizes at once (one Pipecat service each, the voice's
+    model shared), over ``VOXBUS_CAPACITY``."""
+    queue_max: int = field(default_factory=lambda: _int(
+        "VOXBUS_QUEUE_MAX", 4, minimum=0, what="a whole number of requests, 0 or more "
+                                               "(0: refuse as soon as every slot is busy)"))
+    """Requests an LLM or TTS replica lets wait, in order, while its capacity is busy; one
+    more is refused (``full``) and its caller asks another replica. The wait counts toward
+    the caller's first-frame deadline, after which it asks another replica anyway."""
     drain_grace_s: float = field(default_factory=lambda: _seconds("VOXBUS_DRAIN_GRACE_S", 30.0))
     """A replica told to drain waits this long for its work to finish before it exits."""
 

@@ -31,6 +31,9 @@ log = logging.getLogger("voxbus.runner")
 INFLIGHT = Gauge("voxbus_inflight", "Work items in progress", ["stage"])
 SESSIONS = Gauge("voxbus_sessions", "Sessions owned by this replica", ["stage"])
 LOAD = Gauge("voxbus_load", "Work in progress over declared capacity, 0-1", ["stage"])
+QUEUE_DEPTH = Gauge("voxbus_queue_depth",
+                    "Requests waiting for a free slot (LLM, TTS: load is 1 meanwhile)",
+                    ["stage"])
 
 DEFAULT_CAPACITY: dict[Stage, int] = {
     Stage.STT: 16, Stage.LLM: 4, Stage.TTS: 4, Stage.ORCHESTRATOR: 16, Stage.CONTROL: 0,
@@ -99,6 +102,12 @@ class Service:
 
     @property
     def declared_capacity(self) -> int:
+        """The stage's own variable (``VOXBUS_LLM_CAPACITY``, ``VOXBUS_TTS_CAPACITY``), then
+        ``VOXBUS_CAPACITY``, then the stage's class or default."""
+        own = {Stage.LLM: self.settings.llm_capacity,
+               Stage.TTS: self.settings.tts_capacity}.get(self.stage, 0)
+        if own:
+            return own
         if self.settings.capacity:
             return self.settings.capacity
         if self.capacity is not None:

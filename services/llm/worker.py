@@ -19,8 +19,9 @@ from pipecat.services.openai.llm import OpenAILLMService
 from prometheus_client import Histogram
 
 from services.llm.engine import context_from_wire, has_developer_messages, make_llm_service
-from voxbus.runner import Service
-from voxbus.stage_work import TurnTasks
+from voxbus.errors import Full
+from voxbus.runner import QUEUE_DEPTH, Service
+from voxbus.stage_work import Admission, Ticket, TurnTasks, subscriptions_registered
 from voxbus.subjects import Stage
 from voxbus.wire import Cancel, Frame, LlmDelta, LlmDone, LlmRequest
 
@@ -29,8 +30,10 @@ log = logging.getLogger("voxbus.llm")
 MAX_SERVICES = 16
 """Distinct (temperature, max_tokens) clients kept; the oldest non-default one goes first."""
 
-LLM_TTFT = Histogram("llm_ttft_seconds", "Request to first token", buckets=(
-    0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2, 5))
+LLM_TTFT = Histogram(
+    "voxbus_llm_ttft_seconds", "LLM replica: request taken to the endpoint's first token "
+    "(its wait for a free slot included)", ["stage"],
+    buckets=(0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2, 5))
 
 
 class LlmWorker(Service):
@@ -42,6 +45,10 @@ class LlmWorker(Service):
         if not self.base_url:
             raise SystemExit("OPENAI_BASE_URL is not set (voxbus up starts a local endpoint)")
         self.tasks = TurnTasks()
+        self.admission = Admission(self.declared_capacity, self.settings.queue_max,
+                                   name=self.worker_id,
+                                   depth=QUEUE_DEPTH.labels(self.stage.value))
+        """Requests run at once up to capacity, a few more wait; the rest go elsewhere."""
         self.developer_role = True
         """Whether the endpoint takes ``developer`` messages; learnt on its first refusal."""
 
@@ -51,25 +58,39 @@ class LlmWorker(Service):
         self._services = {self._default: self.service}
         await self.subscribe(self.subjects.work(self.stage), self._on_request, work=True)
         await self.subscribe(self.subjects.all_ctl(), self._on_ctl)
+        await subscriptions_registered(self.bus)  # a request sent as start returns is ours
 
     async def _on_request(self, frame: Frame, msg: Msg) -> None:
         if not isinstance(frame, LlmRequest):
             raise TypeError(f"expected LlmRequest, got {type(frame).__name__}")
         reply = msg.reply or self.subjects.reply(frame.session, Stage.LLM, frame.turn)
-        self.tasks.start(frame.session, frame.turn, self._complete(frame, reply), reply=reply)
+        try:
+            ticket = self.admission.admit(f"session {frame.session} turn {frame.turn}")
+        except Full as e:
+            # The terminal frame with an error, before any delta: the stage caller's cue to
+            # ask the next replica at once (an ErrorEvent would read as the reply's start).
+            log.info("%s turn %d: %s", frame.session, frame.turn, e)
+            await self.bus.publish(reply, LlmDone(turn=frame.turn, count=0,
+                                                  error=f"{Full.code}: {e}"))
+            return
+        self.tasks.start(frame.session, frame.turn, self._complete(frame, reply, ticket),
+                         reply=reply, on_done=ticket.release)
 
     async def _on_ctl(self, frame: Frame, _msg: Msg) -> None:
         if isinstance(frame, Cancel):
             self.tasks.cancel(frame.session, frame.turn, frame.reply)
 
-    async def _complete(self, req: LlmRequest, reply: str) -> None:
-        self.inflight += 1
+    async def _complete(self, req: LlmRequest, reply: str, ticket: Ticket) -> None:
         started = time.monotonic()
         ttft: float | None = None
         count = 0
         error = None
         calls: dict[int, dict] = {}
+        running = False
         try:
+            await ticket.wait()
+            running = True
+            self.inflight += 1
             context = context_from_wire(req.messages, req.tools, req.settings.get("tool_choice"))
             stream = await self._open(req, context)
             try:
@@ -89,7 +110,7 @@ class LlmWorker(Service):
                     if delta.content:
                         if ttft is None:
                             ttft = time.monotonic() - started
-                            LLM_TTFT.observe(ttft)
+                            LLM_TTFT.labels(self.stage.value).observe(ttft)
                         await self.bus.publish(reply, LlmDelta(turn=req.turn, index=count,
                                                                text=delta.content))
                         count += 1
@@ -109,7 +130,9 @@ class LlmWorker(Service):
             error = f"{type(e).__name__}: {e}"
             log.error("%s turn %d: completion failed: %s", req.session, req.turn, error)
         finally:
-            self.inflight -= 1
+            if running:
+                self.inflight -= 1
+            ticket.release()
             done = LlmDone(turn=req.turn, count=count, error=error,
                            ttft_ms=ttft * 1000 if ttft is not None else None)
             try:

@@ -39,8 +39,9 @@ from voxbus.wire import (
 
 log = logging.getLogger("voxbus.stt")
 
-STT_TTFS = Histogram("stt_ttfs_seconds", "VAD stop to final transcript", buckets=(
-    0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5))
+STT_TTFS = Histogram(
+    "voxbus_stt_ttfs_seconds", "STT replica: VAD stop to final transcript", ["stage"],
+    buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5))
 
 DRAIN_WAIT_S = 10.0
 """How long a draining replica waits for a session's segment in progress before letting go."""
@@ -180,7 +181,7 @@ class SessionStream:
         if final and self._stopped_at is not None:
             ttfs = time.monotonic() - self._stopped_at
             self._stopped_at = None
-            STT_TTFS.observe(ttfs)
+            STT_TTFS.labels(Stage.STT.value).observe(ttfs)
             await bus.publish(subjects.event(self.session, Event.METRIC),
                               Metric(name="stt_ttfs", value_ms=ttfs * 1000))
 
