@@ -75,12 +75,14 @@ class Liveness:
         return sum(1 for s in self.seen.values() if s.stage == Stage(stage).value
                    and not s.draining and now - s.at < self.lease_s)
 
-    def freshest(self, stage: Stage) -> str | None:
+    def freshest(self, stage: Stage, *, room: bool = False) -> str | None:
         """The replica of ``stage`` heard from most recently (not draining): a frozen or dead
-        replica stops heartbeating at once, so it is never this one for long."""
+        replica stops heartbeating at once, so it is never this one for long. ``room``: only
+        one that is not full (a retry after a ``full`` refusal must not land there again)."""
         now = time.monotonic()
         live = [(s.at, w) for w, s in self.seen.items()
-                if s.stage == Stage(stage).value and not s.draining and now - s.at < self.lease_s]
+                if s.stage == Stage(stage).value and not s.draining and now - s.at < self.lease_s
+                and not (room and s.load >= 1.0)]
         return max(live)[1] if live else None
 
     def least_loaded(self, stage: Stage) -> list[str]:

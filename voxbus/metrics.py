@@ -10,7 +10,21 @@ is ``stage="orchestrator"``, as the LLM replica saw its endpoint, ``stage="llm"`
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
+
+# --- every replica (the runner sets them from its heartbeat) -------------------------------
+
+INFLIGHT = Gauge("voxbus_inflight", "Work items in progress", ["stage"])
+SESSIONS = Gauge("voxbus_sessions", "Sessions owned by this replica", ["stage"])
+LOAD = Gauge("voxbus_load", "Work in progress over declared capacity, 0-1", ["stage"])
+QUEUE_DEPTH = Gauge("voxbus_queue_depth",
+                    "Requests waiting for a free slot (LLM, TTS: load is 1 meanwhile)",
+                    ["stage"])
+RETRIES = Counter("voxbus_stage_retries_total",
+                  "Stage requests sent to another replica, by stage and why",
+                  ["stage", "reason"])
+
+# --- a turn's figures ---------------------------------------------------------------------
 
 TURN_BUCKETS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10)
 """Seconds: a conversational turn's figures run from tens of milliseconds to a few seconds."""
@@ -24,8 +38,23 @@ E2E_LATENCY = Histogram(
     "End of the user's speech to the agent's first audio: sent by the orchestrator, played by "
     "the gateway", ["stage"], buckets=TURN_BUCKETS)
 
-TURN_FIGURES: dict[str, Histogram] = {"eou_delay": EOU_DELAY, "e2e_latency": E2E_LATENCY}
+STT_TTFS = Histogram(
+    "voxbus_stt_ttfs_seconds", "VAD stop to the final transcript", ["stage"],
+    buckets=TURN_BUCKETS)
+LLM_TTFT = Histogram(
+    "voxbus_llm_ttft_seconds", "LLM request to its first token (at the replica: taken to the "
+    "endpoint's first token, its wait for a free slot included)", ["stage"],
+    buckets=TURN_BUCKETS)
+TTS_TTFA = Histogram(
+    "voxbus_tts_ttfa_seconds", "TTS request to its first audio (at the replica: taken to the "
+    "first chunk, its wait for a free slot included)", ["stage"], buckets=TURN_BUCKETS)
+
+TURN_FIGURES: dict[str, Histogram] = {
+    "eou_delay": EOU_DELAY, "stt_ttfs": STT_TTFS, "llm_ttft": LLM_TTFT, "tts_ttfa": TTS_TTFA,
+    "e2e_latency": E2E_LATENCY}
 """The per-turn figures a session's ``Metric`` events name, by that name."""
+
+# --- the bus --------------------------------------------------------------------------------
 
 BUS_HOP = Histogram(
     "voxbus_bus_hop_seconds",

@@ -17,23 +17,17 @@ from typing import ClassVar
 
 from aiohttp import web
 from nats.aio.subscription import Subscription
-from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from voxbus import __version__
 from voxbus.bus import Bus, TraceLogFilter
 from voxbus.config import Settings
 from voxbus.errors import Full
+from voxbus.metrics import INFLIGHT, LOAD, SESSIONS
 from voxbus.subjects import Stage, Subjects
 from voxbus.wire import Drain, Frame, Heartbeat
 
 log = logging.getLogger("voxbus.runner")
-
-INFLIGHT = Gauge("voxbus_inflight", "Work items in progress", ["stage"])
-SESSIONS = Gauge("voxbus_sessions", "Sessions owned by this replica", ["stage"])
-LOAD = Gauge("voxbus_load", "Work in progress over declared capacity, 0-1", ["stage"])
-QUEUE_DEPTH = Gauge("voxbus_queue_depth",
-                    "Requests waiting for a free slot (LLM, TTS: load is 1 meanwhile)",
-                    ["stage"])
 
 DEFAULT_CAPACITY: dict[Stage, int] = {
     Stage.STT: 16, Stage.LLM: 4, Stage.TTS: 4, Stage.ORCHESTRATOR: 16, Stage.CONTROL: 0,
@@ -147,7 +141,7 @@ class Service:
                              expect=Drain)
         # Subscriptions are registered with the server before start returns: a request sent
         # the moment we are "started" must find us, not get "no responders".
-        await self.bus.nc.flush()
+        await self.bus.sync()
         self._hb_task = asyncio.create_task(self._heartbeats(), name=f"{self.worker_id}-hb")
         log.info("%s started on %s", self.worker_id, self.settings.nats_url)
         return self

@@ -20,19 +20,15 @@ from dataclasses import dataclass
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from prometheus_client import Counter
 
 from voxbus.bus import Bus
 from voxbus.errors import Full, StageFailed, StageUnavailable, VoxbusError
 from voxbus.liveness import Liveness
+from voxbus.metrics import RETRIES
 from voxbus.subjects import Stage
 from voxbus.wire import Cancel, Frame, LlmDone, TtsDone, WireError, decode
 
 log = logging.getLogger("voxbus.stage_call")
-
-RETRIES = Counter("voxbus_stage_retries_total",
-                  "Stage requests sent to another replica, by stage and why",
-                  ["stage", "reason"])
 
 TERMINAL = (LlmDone, TtsDone)
 PLACEMENT_TRIES = 3

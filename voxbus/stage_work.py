@@ -72,19 +72,6 @@ class TurnTasks:
         await asyncio.gather(*pending, return_exceptions=True)
 
 
-async def subscriptions_registered(bus) -> None:
-    """Return once the server has every subscription ``bus`` made so far.
-
-    One ``flush`` is not that: nats-py writes a flush's PING straight to the socket, ahead of
-    the SUBs still waiting in its buffer for the flusher task, so the PONG can come back
-    before the server has read them, and a request sent that moment gets "no responders" (a
-    fresh TTS replica missed its first sentence about once in 30 starts on a busy box). By
-    the first PONG the flusher has written them; a second PING leaves after them.
-    """
-    await bus.nc.flush()
-    await bus.nc.flush()
-
-
 class _Depth(Protocol):
     """What the queue's depth is counted on: a Prometheus gauge (child)."""
 

@@ -16,12 +16,12 @@ import openai
 from nats.aio.msg import Msg
 from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.services.openai.llm import OpenAILLMService
-from prometheus_client import Histogram
 
 from services.llm.engine import context_from_wire, has_developer_messages, make_llm_service
 from voxbus.errors import Full
-from voxbus.runner import QUEUE_DEPTH, Service
-from voxbus.stage_work import Admission, Ticket, TurnTasks, subscriptions_registered
+from voxbus.metrics import LLM_TTFT, QUEUE_DEPTH
+from voxbus.runner import Service
+from voxbus.stage_work import Admission, Ticket, TurnTasks
 from voxbus.subjects import Stage
 from voxbus.wire import Cancel, Frame, LlmDelta, LlmDone, LlmRequest
 
@@ -30,10 +30,6 @@ log = logging.getLogger("voxbus.llm")
 MAX_SERVICES = 16
 """Distinct (temperature, max_tokens) clients kept; the oldest non-default one goes first."""
 
-LLM_TTFT = Histogram(
-    "voxbus_llm_ttft_seconds", "LLM replica: request taken to the endpoint's first token "
-    "(its wait for a free slot included)", ["stage"],
-    buckets=(0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2, 5))
 
 
 class LlmWorker(Service):
@@ -58,7 +54,6 @@ class LlmWorker(Service):
         self._services = {self._default: self.service}
         await self.subscribe(self.subjects.work(self.stage), self._on_request, work=True)
         await self.subscribe(self.subjects.all_ctl(), self._on_ctl)
-        await subscriptions_registered(self.bus)  # a request sent as start returns is ours
 
     async def _on_request(self, frame: Frame, msg: Msg) -> None:
         if not isinstance(frame, LlmRequest):

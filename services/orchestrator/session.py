@@ -351,9 +351,10 @@ class SessionRunner:
         await self.report(code, f"turn {turn}: {error}")
 
     def retry_target(self, stage: Stage):
-        """For a stage call's retry: the replica of ``stage`` heard from most recently."""
+        """For a stage call's retry: the replica of ``stage`` heard from most recently that is
+        not full (None: the queue group decides)."""
         liveness = self.worker.liveness
-        return (lambda: liveness.freshest(stage)) if liveness else None
+        return (lambda: liveness.freshest(stage, room=True)) if liveness else None
 
     def hedge_when(self, stage: Stage):
         """A slow call is hedged only when another replica of ``stage`` is alive to take it."""

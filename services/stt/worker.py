@@ -18,10 +18,10 @@ from pipecat.frames.frames import (
     VADUserStartedSpeakingFrame,
     VADUserStoppedSpeakingFrame,
 )
-from prometheus_client import Histogram
 
 from services.stt.engine import make_stt_service, warm_up
 from voxbus.bus import now_us
+from voxbus.metrics import STT_TTFS
 from voxbus.pipecat_host import FrameTap, HostedPipeline
 from voxbus.runner import Service
 from voxbus.subjects import Event, Stage
@@ -39,9 +39,6 @@ from voxbus.wire import (
 
 log = logging.getLogger("voxbus.stt")
 
-STT_TTFS = Histogram(
-    "voxbus_stt_ttfs_seconds", "STT replica: VAD stop to final transcript", ["stage"],
-    buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5))
 
 DRAIN_WAIT_S = 10.0
 """How long a draining replica waits for a session's segment in progress before letting go."""

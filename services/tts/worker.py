@@ -18,13 +18,13 @@ from pathlib import Path
 from nats.aio.msg import Msg
 from pipecat.frames.frames import ErrorFrame, TTSAudioRawFrame
 from pipecat.services.tts_service import TTSService
-from prometheus_client import Histogram
 
 from services.tts.engine import tts_service_for, voice_path
 from voxbus.errors import Full
+from voxbus.metrics import QUEUE_DEPTH, TTS_TTFA
 from voxbus.pipecat_host import HostedPipeline
-from voxbus.runner import QUEUE_DEPTH, Service
-from voxbus.stage_work import Admission, Ticket, TurnTasks, subscriptions_registered
+from voxbus.runner import Service
+from voxbus.stage_work import Admission, Ticket, TurnTasks
 from voxbus.subjects import Stage
 from voxbus.wire import Cancel, Frame, TtsAudio, TtsDone, TtsRequest
 
@@ -37,10 +37,6 @@ however many of its instances run)."""
 START_TIMEOUT_S = 30.0
 """How long a new service instance's pipeline may take to start before the sentence fails."""
 
-TTS_TTFA = Histogram(
-    "voxbus_tts_ttfa_seconds", "TTS replica: sentence taken to its first audio chunk (its "
-    "wait for a free slot included)", ["stage"],
-    buckets=(0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2))
 
 
 @dataclass
@@ -127,7 +123,6 @@ class TtsWorker(Service):
             pool.idle.append(await pool.grow())
         await self.subscribe(self.subjects.work(self.stage), self._on_request, work=True)
         await self.subscribe(self.subjects.all_ctl(), self._on_ctl)
-        await subscriptions_registered(self.bus)  # a request sent as start returns is ours
 
     def services(self) -> list[TTSService]:
         """Every service instance loaded, of every voice."""
