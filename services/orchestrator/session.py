@@ -94,6 +94,9 @@ class SessionRunner:
         self.tool_calls: list[str] = []
         self._speech_stopped_at: float | None = None
         self._answer_due_since: float | None = None
+        self._agent_turn_open = False
+        """Between the user's turn ending and the agent finishing its answer: speech now is
+        an interruption (Pipecat interrupts at every user turn start, even an idle agent)."""
         """When the user stopped speaking, until the first audio of the agent's answer."""
         self.trace: str | None = None
         """This turn's trace id: what any service publishes or logs for the turn carries it."""
@@ -270,6 +273,7 @@ class SessionRunner:
                 return
 
     async def _on_bot_stopped(self, _frame) -> None:
+        self._agent_turn_open = False
         self.save_soon()
         await self.publish_event(Event.TURN, TurnEvent(
             turn=self.turn, state="bot_stopped", ts_us=now_us(), node=self.node,
@@ -309,6 +313,7 @@ class SessionRunner:
         self.save_soon()
         self.tool_calls: list[str] = []
         self._answer_due_since = self._speech_stopped_at
+        self._agent_turn_open = True
         if self._speech_stopped_at is not None:
             eou = (time.monotonic() - self._speech_stopped_at) * 1000
             self.worker.spawn(self.metric("eou_delay", eou, self.turn))
@@ -319,7 +324,9 @@ class SessionRunner:
     async def interrupted(self) -> None:
         # Whatever any replica still does for this turn (a queued sentence, the loser of a
         # hedged call) stops: the user is talking.
-        INTERRUPTIONS.inc()
+        if self._agent_turn_open:
+            INTERRUPTIONS.inc()
+            self._agent_turn_open = False
         self._answer_due_since = None
         await self.bus.publish(self.subjects.ctl(self.session),
                                Cancel(session=self.session, turn=self.turn))

@@ -7,6 +7,7 @@ import time
 import uuid
 
 import pytest
+from prometheus_client import REGISTRY
 
 from voxbus.audio import WIRE_RATE, frames, read_wav
 from voxbus.bus import Bus, now_us
@@ -50,6 +51,7 @@ async def test_user_speech_while_agent_speaks_interrupts_it(system, speak):
             await bus.subscribe(subject, collect)
         await ask(bus, Stage.ORCHESTRATOR, SessionStart(session=session, sample_rate=WIRE_RATE),
                   timeout_s=15)
+        interruptions = REGISTRY.get_sample_value("voxbus_interruptions_total") or 0.0
         await say(question)
         # Silence until the agent is speaking, then a second of it before the user cuts in.
         await say(bytes(640 * 1500), until=lambda: len(agent_audio(1)) > 50)
@@ -64,6 +66,9 @@ async def test_user_speech_while_agent_speaks_interrupts_it(system, speak):
                    for t, f in seen)
         assert any(isinstance(f, Cancel) and f.turn == 1 and t > cut_in for t, f in seen), \
             "in-flight work of the interrupted turn was not cancelled"
+        # Counted once for the operator: the question itself (a turn start with the agent
+        # idle) is not an interruption.
+        assert REGISTRY.get_sample_value("voxbus_interruptions_total") == interruptions + 1
         # The interrupted turn's audio stops at the flush (a frame or two may be on the wire).
         late = [t for t in agent_audio(1) if t > flushes[0] + 0.1]
         assert len(late) <= 2, f"{len(late)} frames of turn 1 after the flush"
