@@ -83,9 +83,11 @@ class Process:
                 raise RuntimeError(f"{self.name} did not start:\n{tail}")
             await asyncio.sleep(0.2)
 
-    def stop(self, sig: int = signal.SIGINT, timeout_s: float = 60.0) -> None:
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """SIGTERM to the child itself (``voxbus up`` then stops its own children in order);
+        whatever is left of its group after ``timeout_s`` is killed."""
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
+            self.proc.terminate()
             try:
                 self.proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
@@ -154,7 +156,7 @@ async def search(args, llm_replicas: int, utterances, tmp: Path) -> tuple[Capaci
     finally:
         if up is not None:
             up.stop()
-        endpoint.stop(signal.SIGTERM)
+        endpoint.stop()
 
 
 def demand(cap: Capacity, delay_s: float) -> float | None:
@@ -176,11 +178,10 @@ async def main(args) -> None:
         for n in args.llm:
             results[n] = await search(args, n, utterances, tmp)
     if args.json:
-        print(to_json({"delay_s": args.delay, "llm_capacity": args.llm_capacity,
-                       "p95_bound_ms": args.p95, "runs": {
-                           f"llm={n}": {**capacity_dict(cap), "endpoint": stats}
-                           for n, (cap, stats) in results.items()}}))
-        return
+        await asyncio.to_thread(Path(args.json).write_text, to_json({
+            "delay_s": args.delay, "llm_capacity": args.llm_capacity, "p95_bound_ms": args.p95,
+            "runs": {f"llm={n}": {**capacity_dict(cap), "endpoint": stats}
+                     for n, (cap, stats) in results.items()}}))
     for n, (cap, stats) in results.items():
         print(f"== voxbus up --scale llm={n}: LLM capacity {args.llm_capacity} per replica, "
               f"endpoint first token {args.delay:g} s, e2e p95 bound {args.p95:g} ms")
@@ -223,7 +224,7 @@ if __name__ == "__main__":
                         help="requests per LLM replica at once (default 1)")
     parser.add_argument("--llm", default="1,2", help="LLM replica counts to compare")
     parser.add_argument("--p95", type=float, default=None,
-                        help="e2e p95 bound, ms (default: delay + 2.5 s)")
+                        help="e2e p95 bound, ms (default: delay + 3 s)")
     parser.add_argument("--step-for", type=float, default=40.0,
                         help="seconds each step talks after its ramp (default 40)")
     parser.add_argument("--pause", default="1.5-4", help="callers' pause after a reply, s")
@@ -231,9 +232,9 @@ if __name__ == "__main__":
                         help="VOXBUS_STAGE_FIRST_FRAME_S (default: delay + 1.5 s)")
     parser.add_argument("--max-sessions", type=int, default=16)
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", metavar="FILE", help="also write every step's figures here")
     a = parser.parse_args()
     a.llm = [int(x) for x in a.llm.split(",")]
-    a.p95 = a.p95 if a.p95 is not None else a.delay * 1000 + 2500
+    a.p95 = a.p95 if a.p95 is not None else a.delay * 1000 + 3000
     a.first_frame = a.first_frame if a.first_frame is not None else a.delay + 1.5
     asyncio.run(main(a))
