@@ -15,6 +15,17 @@ from voxbus.natsd import NatsServer
 from voxbus.subjects import Subjects
 
 
+def without_nats_credentials(monkeypatch, tmp_path) -> None:
+    """Only what a test sets: no ``VOXBUS_NATS_*`` from outside, no real ``voxbus up``'s
+    control file (with the CLI's credentials) to fall back on."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("VOXBUS_NATS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("VOXBUS_CONTROL_FILE", str(tmp_path / "control.json"))
+
+
 @pytest.fixture(scope="session")
 def nats_server():
     with NatsServer() as server:

@@ -14,6 +14,7 @@ import uuid
 
 import pytest
 
+from tests.conftest import without_nats_credentials
 from voxbus.bus import Bus, NatsRefused
 from voxbus.config import NatsAuth
 from voxbus.control.auth import write_control_file
@@ -37,10 +38,7 @@ def secured():
 @pytest.fixture(autouse=True)
 def no_cli_file(monkeypatch, tmp_path):
     """No credentials from the environment or a real ``voxbus up``'s file leak in."""
-    for name in list(os.environ):
-        if name.startswith("VOXBUS_NATS_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("VOXBUS_CONTROL_FILE", str(tmp_path / "control.json"))
+    without_nats_credentials(monkeypatch, tmp_path)
 
 
 def auth(server, role: str) -> NatsAuth:

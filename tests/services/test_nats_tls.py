@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tests.conftest import without_nats_credentials
 from voxbus.bus import Bus, NatsTLSError
 from voxbus.config import Settings
 from voxbus.natsd import NatsServer, NatsTLS, free_port
@@ -103,10 +104,7 @@ def mtls_server(pki):
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch, tmp_path):
     """Only what a test sets: no VOXBUS_NATS_* from outside, no real ``voxbus up`` file."""
-    for name in list(os.environ):
-        if name.startswith("VOXBUS_NATS_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("VOXBUS_CONTROL_FILE", str(tmp_path / "control.json"))
+    without_nats_credentials(monkeypatch, tmp_path)
     monkeypatch.setenv("VOXBUS_PREFIX", PREFIX)
 
 
