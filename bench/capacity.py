@@ -103,8 +103,10 @@ def endpoint_stats(base_url: str, reset: bool = False) -> dict:
         return json.loads(r.read())
 
 
-async def search(args, llm_replicas: int, utterances, tmp: Path) -> tuple[Capacity, list[dict]]:
-    """One deployment with ``llm_replicas`` LLM replicas; the capacity search against it."""
+async def search(args, llm_replicas: int, utterances,
+                 tmp: Path) -> tuple[Capacity, list[dict], Step]:
+    """One deployment with ``llm_replicas`` LLM replicas: the capacity search against it, the
+    endpoint's figures per step, and the step at ``--ceiling-at`` sessions."""
     port = free_port()
     endpoint = Process("fixed-latency LLM", [
         sys.executable, str(HERE / "fixed_latency_llm.py"), "--port", str(port),
@@ -152,7 +154,12 @@ async def search(args, llm_replicas: int, utterances, tmp: Path) -> tuple[Capaci
             return step
 
         cap = await find_capacity(measure, args.p95, max_sessions=args.max_sessions)
-        return cap, per_step
+        ceiling = next((s for s in cap.steps if s.sessions == args.ceiling_at), None)
+        if ceiling is None:
+            log(f"  llm={llm_replicas}: the ceiling at {args.ceiling_at} sessions (not part "
+                "of the search)")
+            ceiling = await measure(args.ceiling_at)
+        return cap, per_step, ceiling
     finally:
         if up is not None:
             up.stop()
@@ -174,15 +181,16 @@ async def main(args) -> None:
     with tempfile.TemporaryDirectory(prefix="voxbus-capacity-") as tmp_name:
         tmp = Path(tmp_name)
         utterances, _ = await asyncio.to_thread(make_utterances, tmp, piper=False)
-        results: dict[int, tuple[Capacity, list[dict]]] = {}
+        results: dict[int, tuple[Capacity, list[dict], Step]] = {}
         for n in args.llm:
             results[n] = await search(args, n, utterances, tmp)
     if args.json:
         await asyncio.to_thread(Path(args.json).write_text, to_json({
             "delay_s": args.delay, "llm_capacity": args.llm_capacity, "p95_bound_ms": args.p95,
-            "runs": {f"llm={n}": {**capacity_dict(cap), "endpoint": stats}
-                     for n, (cap, stats) in results.items()}}))
-    for n, (cap, stats) in results.items():
+            "runs": {f"llm={n}": {**capacity_dict(cap), "endpoint": stats,
+                                  "ceiling_step": ceiling.result.to_dict()}
+                     for n, (cap, stats, ceiling) in results.items()}}))
+    for n, (cap, stats, _) in results.items():
         print(f"== voxbus up --scale llm={n}: LLM capacity {args.llm_capacity} per replica, "
               f"endpoint first token {args.delay:g} s, e2e p95 bound {args.p95:g} ms")
         print(format_capacity(cap))
@@ -191,15 +199,19 @@ async def main(args) -> None:
                                        for s in stats))
         print()
     rows = []
-    for n, (cap, stats) in results.items():
+    for n, (cap, stats, ceiling) in results.items():
         d = demand(cap, args.delay)
-        ceiling = n * args.llm_capacity
+        slots = n * args.llm_capacity
+        r = ceiling.result
+        clean = sum(t.clean for t in r.turns)
         rows.append([f"llm={n}", str(cap.sessions), str(cap.first_bad or "-"),
-                     f"{d:.3f}" if d else "-",
-                     f"{ceiling / d:.1f}" if d else "-",
+                     f"{d:.3f}" if d else "-", f"{slots / d:.1f}" if d else "-",
+                     f"{ceiling.sessions}: {clean}/{len(r.turns)}, {r.fallback}",
+                     f"{clean / (r.wall_s / 60):.1f}",
                      str(max((s["endpoint_max_at_once"] for s in stats), default=0))])
     print(table(["replicas", "capacity (sessions)", "first over", "LLM demand per session",
-                 "LLM saturates at (sessions)", "endpoint at most at once"], rows))
+                 "LLM saturates at (sessions)", "ceiling step: clean/turns, fallback",
+                 "clean answers/min", "endpoint at most at once"], rows))
     caps = [results[n][0].sessions for n in args.llm]
     if len(caps) == 2 and caps[0]:
         print(f"capacity x{caps[1] / caps[0]:.2f} with {args.llm[1]} LLM replicas instead of "
@@ -209,6 +221,12 @@ async def main(args) -> None:
           f"serves replicas x {args.llm_capacity} requests at once, so it saturates at replicas x "
           f"{args.llm_capacity} / demand sessions; queueing before that is what the p95 "
           "bound sees")
+    print(f"* ceiling step: {args.ceiling_at} sessions, past what one replica carries: clean "
+          "answers (words and audio, no error, not the fallback line) per minute are the most "
+          "the LLM stage gives")
+    print("* each LLM request goes to a replica the NATS queue group picks at random, not the "
+          "idlest: one can wait behind another while a second replica is idle, so the "
+          "p95-bounded capacity grows less than the ceiling")
     print(f"* first-frame deadline {args.first_frame:g} s (VOXBUS_STAGE_FIRST_FRAME_S): above "
           "the endpoint's latency, so a call is hedged to another replica only after "
           "waiting in a queue")
@@ -231,6 +249,9 @@ if __name__ == "__main__":
     parser.add_argument("--first-frame", type=float, default=None,
                         help="VOXBUS_STAGE_FIRST_FRAME_S (default: delay + 1.5 s)")
     parser.add_argument("--max-sessions", type=int, default=16)
+    parser.add_argument("--ceiling-at", type=int, default=8,
+                        help="sessions of the step that shows each stage's ceiling (default 8; "
+                             "measured after the search if it was not a step of it)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--json", metavar="FILE", help="also write every step's figures here")
     a = parser.parse_args()

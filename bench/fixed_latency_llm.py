@@ -82,7 +82,7 @@ class FixedLatencyLlm:
         must not count as in flight."""
         until = time.monotonic() + self.delay_s
         while (left := until - time.monotonic()) > 0:
-            await asyncio.sleep(min(left, 0.05))
+            await asyncio.sleep(min(left, 0.01))
             if request.transport is None or request.transport.is_closing():
                 return False
         return True
