@@ -214,6 +214,13 @@ class LoadResult:
             codes[f"session start: {e.split(': ')[0]}"] += 1
         return codes
 
+    def error_examples(self) -> list[str]:
+        """One message of each kind (the first three words: service, code, what)."""
+        shapes: dict[str, str] = {}
+        for e in [e for t in self.turns for e in t.errors] + self.start_errors:
+            shapes.setdefault(" ".join(e.split()[:3]), e[:200])
+        return list(shapes.values())
+
     @property
     def answered(self) -> int:
         return sum(t.answered for t in self.turns)
@@ -233,6 +240,7 @@ class LoadResult:
         c = self.config
         return {
             "sessions": c.sessions, "ramp_s": c.ramp, "for_s": c.for_s, "agent": c.agent,
+            "pause_s": list(c.pause_s),
             "corpus": self.corpus, "wall_s": round(self.wall_s, 1),
             "turns": {"spoken": len(self.turns), "answered": self.answered,
                       "unanswered": len(self.turns) - self.answered,
@@ -243,6 +251,7 @@ class LoadResult:
                            for k, f in self.figures().items()},
             "e2e_p95_with_misses_ms": _round(self.e2e_p95_with_misses()),
             "errors": dict(self.errors().most_common()),
+            "error_examples": self.error_examples(),
             "start_errors": self.start_errors,
             "stages": {s: {"replicas": u.replicas, "capacity": u.capacity,
                            "utilization": _round(u.utilization, 3), "peak": _round(u.peak, 3),
@@ -390,44 +399,43 @@ def _share(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
-def format_load(r: LoadResult) -> str:
-    c = r.config
+def format_load(report: dict) -> str:
+    """The tables of a run, from its JSON form (:meth:`LoadResult.to_dict`): what ``--json``
+    prints and what the tables say cannot disagree, and a saved run can be shown again."""
     head = ["figure", "stage", "p50 ms", "p95 ms", "turns", "replicas", "cap", "util", "peak",
             "full"]
     rows = []
-    for name, f in r.figures().items():
+    for name, f in report["latency_ms"].items():
         stage = FIGURE_STAGE[name]
-        use = r.stages.get(stage) if stage else None
+        use = report["stages"].get(stage) if stage else None
         rows.append([name, stage or "(all)", _ms(f["p50"]), _ms(f["p95"]), str(f["n"]),
-                     *(([str(use.replicas or "-"), "/".join(map(str, use.capacity)) or "-",
-                         _share(use.utilization), _share(use.peak),
-                         "-" if use.full is None else f"{use.full:.0%}"]) if use else
+                     *(([str(use["replicas"] or "-"),
+                         "/".join(map(str, use["capacity"])) or "-",
+                         _share(use["utilization"]), _share(use["peak"]),
+                         "-" if use["full"] is None else f"{use['full']:.0%}"]) if use else
                        ["", "", "", "", ""])])
-    spoken, answered = len(r.turns), r.answered
-    errors = r.errors()
+    t = report["turns"]
+    pause = report["pause_s"]
     lines = [
-        f"voxbus bench load: {len(r.sessions)}/{c.sessions} sessions for {c.for_s:g} s after a "
-        f"{c.ramp:g} s ramp (agent {c.agent}; {r.corpus})", "", table(head, rows, 2), "",
-        f"turns: {spoken} spoken, {answered} answered ({spoken - answered} unanswered), "
-        f"{r.fallback} fallback lines, {sum(bool(t.errors) for t in r.turns)} with errors",
-        "errors by code: " + (", ".join(f"{k} x{v}" for k, v in errors.most_common())
+        f"voxbus bench load: {len(report['per_session'])}/{report['sessions']} sessions for "
+        f"{report['for_s']:g} s after a {report['ramp_s']:g} s ramp (agent {report['agent']}; "
+        f"{report['corpus']})", "", table(head, rows, 2), "",
+        f"turns: {t['spoken']} spoken, {t['answered']} answered ({t['unanswered']} unanswered), "
+        f"{t['fallback']} fallback lines, {t['with_errors']} with errors",
+        "errors by code: " + (", ".join(f"{k} x{v}" for k, v in report["errors"].items())
                               or "none"),
-    ]
-    shapes: dict[str, str] = {}
-    for e in [e for t in r.turns for e in t.errors] + r.start_errors:
-        shapes.setdefault(" ".join(e.split()[:3]), e)
-    lines += [f"  e.g. {e[:200]}" for e in shapes.values()]
-    lines += [
+        *(f"  e.g. {e}" for e in report["error_examples"]),
         f"* each session speaks in a loop, waits for the reply to finish, pauses "
-        f"{c.pause_s[0]:g}-{c.pause_s[1]:g} s; e2e: first agent audio heard minus the end of "
-        "the user's speech",
+        f"{pause[0]:g}-{pause[1]:g} s; e2e: first agent audio heard minus the end of the "
+        "user's speech",
         "* util: each stage's heartbeat load (work in progress / declared capacity, 0-1), the "
         "replicas' mean, averaged over samples every 1 s after the ramp; peak: highest sample; "
         "full: samples with every replica at capacity",
-        f"* load generator: {r.cpu_share:.0%} of one core; wall {r.wall_s:.0f} s",
+        f"* load generator: {report['load_generator_cpu']:.0%} of one core; wall "
+        f"{report['wall_s']:.0f} s",
     ]
-    if r.utilization_note:
-        lines.append(f"* {r.utilization_note}")
+    if report["utilization_note"]:
+        lines.append(f"* {report['utilization_note']}")
     return "\n".join(lines)
 
 
@@ -661,10 +669,10 @@ def run(args) -> int:
         if not args.find_capacity:
             log(f"{config.sessions} sessions for {config.for_s:g} s after a {config.ramp:g} s "
                 "ramp")
-            result = await run_load(config, utterances, corpus=corpus, log=log)
+            report = (await run_load(config, utterances, corpus=corpus, log=log)).to_dict()
             if not args.json:
-                print(format_load(result), flush=True)
-            return result.to_dict()
+                print(format_load(report), flush=True)
+            return report
 
         async def measure(n: int) -> Step:
             log(f"step: {n} sessions for {config.for_s:g} s")

@@ -13,6 +13,7 @@ from dataclasses import replace
 import pytest
 
 from voxbus.control.service import ControlService
+from voxbus.load import format_load
 
 TOKEN = "load-test-token-" + "x" * 20
 RUN = ["--sessions", "2", "--for", "3", "--ramp", "1", "--pause", "0.5-1", "--warmup", "0",
@@ -90,3 +91,6 @@ async def test_load_prints_stage_rows_and_json_that_adds_up(deployment):
         assert 0 <= use["utilization"] <= use["peak"] <= 1, (stage, report)
     # Two sessions held by the one orchestrator and STT replica all along (capacity 16).
     assert report["stages"]["orchestrator"]["peak"] == pytest.approx(2 / 16, abs=0.07)
+    # The tables are drawn from the same JSON: a saved run shows again, figures unchanged.
+    shown = format_load(report)
+    assert f"turns: {turns['spoken']} spoken, {turns['answered']} answered" in shown, shown
