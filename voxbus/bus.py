@@ -337,10 +337,22 @@ class Bus:
         else:
             self._traces[session] = trace
 
-    def _trace_for(self, session: str | None, frame: Frame) -> str | None:
-        if session is None:
-            session = getattr(frame, "session", None)
-        return (self._traces.get(session) if isinstance(session, str) else None) or TRACE.get()
+    def _headers(self, session: str | None, frame: Frame, *, trace: str | None = None,
+                 reply: str = "") -> dict[str, str]:
+        """What every message carries: when it was sent (the receiver's bus hop), its
+        subject's session, its trace (given; else the session's current one, else the handled
+        message's) and, on a work request's recording copy, the reply the original asked for."""
+        headers = {SENT_HEADER: str(now_us())}
+        if session:  # from a subject: a checked id (a frame's own field may be anything)
+            headers[SESSION_HEADER] = session
+        owner = session or getattr(frame, "session", None)
+        trace = trace or (self._traces.get(owner) if isinstance(owner, str) else None) \
+            or TRACE.get()
+        if trace:
+            headers[TRACE_HEADER] = trace
+        if reply:
+            headers[REPLY_HEADER] = reply
+        return headers
 
     # --- publish ----------------------------------------------------------------------
 
@@ -349,13 +361,7 @@ class Bus:
     ) -> None:
         """``trace``: default, the session's current one (``set_trace``), else the trace of
         the message being handled."""
-        headers = {SENT_HEADER: str(now_us())}
-        session = Subjects.session_of(subject)
-        trace = trace or self._trace_for(session, frame)
-        if trace:
-            headers[TRACE_HEADER] = trace
-        if session:
-            headers[SESSION_HEADER] = session
+        headers = self._headers(Subjects.session_of(subject), frame, trace=trace)
         data = encode(frame)
         await self.nc.publish(subject, data, reply=reply, headers=headers)
         await self._copy_work(subject, frame, data, reply)
@@ -375,14 +381,8 @@ class Bus:
             copy = self.subjects.work_copy(session, stage)
         except ValueError:
             return  # not a session id: the stage refuses the request and reports it
-        headers = {SENT_HEADER: str(now_us()), SESSION_HEADER: session}
-        if reply:
-            headers[REPLY_HEADER] = reply
-        trace = self._trace_for(session, frame)
-        if trace:
-            headers[TRACE_HEADER] = trace
         try:
-            await self.nc.publish(copy, data, headers=headers)
+            await self.nc.publish(copy, data, headers=self._headers(session, frame, reply=reply))
         except Exception as e:  # the recording's copy must never fail the request itself
             log.warning("%s: work request not copied to %s: %s", self.service, copy, e)
 
@@ -390,10 +390,9 @@ class Bus:
         """Request-reply to a queue group; a missing stage is ``StageUnavailable``."""
         data = encode(frame)
         await self._copy_work(subject, frame, data, "")
-        trace = self._trace_for(None, frame)
         try:
             msg = await self.nc.request(subject, data, timeout=timeout,
-                                        headers={TRACE_HEADER: trace} if trace else None)
+                                        headers=self._headers(None, frame))
         except NoRespondersError:
             raise StageUnavailable(f"no replica is listening on {subject}",
                                    reason="no_responders") from None
@@ -416,12 +415,8 @@ class Bus:
             service=self.service, code=code, message=message, subject=subject, retryable=retryable
         )
         ERRORS_REPORTED.labels(code).inc()
-        headers = {SENT_HEADER: str(now_us())}
-        trace = self._trace_for(session, event)
-        if trace:
-            headers[TRACE_HEADER] = trace
         try:
-            await self.nc.publish(target, encode(event), headers=headers)
+            await self.nc.publish(target, encode(event), headers=self._headers(session, event))
         except Exception as e:  # reporting must never take the service down
             log.warning("could not publish error event: %s", e)
 
