@@ -56,6 +56,8 @@ async def test_user_speech_while_agent_speaks_interrupts_it(system, speak):
         # Silence until the agent is speaking, then a second of it before the user cuts in.
         await say(bytes(640 * 1500), until=lambda: len(agent_audio(1)) > 50)
         assert agent_audio(1), "the agent never started speaking"
+        # The question itself (a turn start with the agent idle) is no interruption.
+        assert REGISTRY.get_sample_value("voxbus_interruptions_total") == interruptions
         cut_in = time.monotonic()
         await say(interruption)
         await say(bytes(640 * 25))
@@ -66,9 +68,9 @@ async def test_user_speech_while_agent_speaks_interrupts_it(system, speak):
                    for t, f in seen)
         assert any(isinstance(f, Cancel) and f.turn == 1 and t > cut_in for t, f in seen), \
             "in-flight work of the interrupted turn was not cancelled"
-        # Counted once for the operator: the question itself (a turn start with the agent
-        # idle) is not an interruption.
-        assert REGISTRY.get_sample_value("voxbus_interruptions_total") == interruptions + 1
+        # Counted for the operator (a pause inside "Wait, stop, stop. Let me ask something
+        # else." can end a turn and let the agent start again: a second barge-in, also real).
+        assert REGISTRY.get_sample_value("voxbus_interruptions_total") >= interruptions + 1
         # The interrupted turn's audio stops at the flush (a frame or two may be on the wire).
         late = [t for t in agent_audio(1) if t > flushes[0] + 0.1]
         assert len(late) <= 2, f"{len(late)} frames of turn 1 after the flush"
