@@ -1,8 +1,5 @@
-"""One session's conversation: a Pipecat pipeline with Silero VAD, Smart Turn v3 and remote stages.
-
-    audio.in → VADProcessor(Silero) → RemoteSTT → user aggregator (Smart Turn v3)
-             → RemoteLLM → RemoteTTS → BusAudioOutput → assistant aggregator
-"""
+"""One session's conversation: the session pipeline (``pipeline.conversation``) with its stages
+on the bus, its flow, its stored state, its fallback lines and its per-turn figures."""
 
 from __future__ import annotations
 
@@ -13,10 +10,6 @@ import time
 from typing import TYPE_CHECKING
 
 from nats.aio.msg import Msg
-from pipecat.audio.turn.smart_turn.base_smart_turn import SmartTurnParams
-from pipecat.audio.turn.smart_turn.local_smart_turn_v3 import LocalSmartTurnAnalyzerV3
-from pipecat.audio.vad.silero import SileroVADAnalyzer
-from pipecat.audio.vad.vad_analyzer import VADParams
 from pipecat.flows import Flow, FlowManager
 from pipecat.frames.frames import (
     BotStoppedSpeakingFrame,
@@ -27,23 +20,11 @@ from pipecat.frames.frames import (
     TTSSpeakFrame,
 )
 from pipecat.processors.aggregators.llm_context import LLMContext
-from pipecat.processors.aggregators.llm_response_universal import (
-    LLMContextAggregatorPair,
-    LLMUserAggregatorParams,
-)
-from pipecat.processors.audio.vad_processor import VADProcessor
-from pipecat.turns.empty_user_turn import EmptyUserTurnConfig
-from pipecat.turns.user_start.min_words_user_turn_start_strategy import (
-    MinWordsUserTurnStartStrategy,
-)
-from pipecat.turns.user_stop.turn_analyzer_user_turn_stop_strategy import (
-    TurnAnalyzerUserTurnStopStrategy,
-)
-from pipecat.turns.user_turn_strategies import UserTurnStrategies
 
 from services.orchestrator.agent import load_flow
 from services.orchestrator.echo_gate import EchoGate
 from services.orchestrator.metrics import FALLBACKS, INTERRUPTIONS, STAGE_ERRORS
+from services.orchestrator.pipeline import conversation
 from services.orchestrator.proxies import BusAudioOutput, RemoteSTT, RemoteTTS
 from services.orchestrator.remote_llm import RemoteLLM
 from services.orchestrator.session_store import Fenced, SessionRecord
@@ -118,40 +99,21 @@ class SessionRunner:
             # One turn id past the stored one: the owner that died may have begun a turn it
             # never saved, and its replies must not share subjects with ours.
             self.turn = resume.turn + 1
-        turn = agent.turn
-        turn_stop_s = turn.turn_stop_s or settings.turn_stop_s
-        vad_stop_s = turn.vad_stop_s or settings.vad_stop_s
-        stop = TurnAnalyzerUserTurnStopStrategy(turn_analyzer=LocalSmartTurnAnalyzerV3(
-            params=SmartTurnParams(stop_secs=turn_stop_s)))
-        # Pipecat's strategies: by default speech starts a turn (and interrupts); with a word
-        # minimum only transcripts do, one word when the agent is quiet, N while it speaks.
-        start = ([MinWordsUserTurnStartStrategy(min_words=turn.interruption_min_words)]
-                 if turn.interruption_min_words > 1 else None)
-        aggregators = LLMContextAggregatorPair(context, user_params=LLMUserAggregatorParams(
-            user_turn_strategies=UserTurnStrategies(start=start, stop=[stop]),
-            user_idle_timeout=turn.idle_timeout_s,
-            empty_user_turn=EmptyUserTurnConfig(
-                interrupted_prompt=turn.false_interruption_prompt)))
         self._idle_prompted = 0
         self.end_reason = "agent ended the conversation"
         # The reference (audio.out) is at the wire rate; other input rates go ungated.
-        self.echo_gate = EchoGate() if turn.echo_gate and sample_rate == WIRE_RATE else None
-        vad = SileroVADAnalyzer(params=VADParams(stop_secs=vad_stop_s))
+        self.echo_gate = (EchoGate() if agent.turn.echo_gate and sample_rate == WIRE_RATE
+                          else None)
         self.stt = RemoteSTT(self)
         self.llm = RemoteLLM(self, system_instruction=agent.system_prompt,
                              llm_settings=agent.llm_request_settings())
-        user_aggregator = aggregators.user()
-        user_aggregator.add_event_handler("on_user_turn_idle", self._on_user_idle)
-        self.pipeline = HostedPipeline([
-            VADProcessor(vad_analyzer=vad),
-            self.stt,
-            user_aggregator,
-            self.llm,
-            RemoteTTS(self),
-            BusAudioOutput(self),
-            FrameTap((BotStoppedSpeakingFrame,), self._on_bot_stopped),
-            aggregators.assistant(),
-        ], name=f"orch-{session}", sample_rate=sample_rate, out_sample_rate=16000)
+        talk = conversation(context=context, turn=agent.turn, settings=settings, stt=self.stt,
+                            llm=self.llm, tts=RemoteTTS(self), output=BusAudioOutput(self),
+                            taps=[FrameTap((BotStoppedSpeakingFrame,), self._on_bot_stopped)])
+        talk.user.add_event_handler("on_user_turn_idle", self._on_user_idle)
+        self.pipeline = HostedPipeline(talk.processors, name=f"orch-{session}",
+                                       sample_rate=sample_rate, out_sample_rate=16000)
+        aggregators = talk.aggregators
         self.flow_manager: FlowManager | None = None
         self._flow: Flow | None = None
         if agent.flow:
