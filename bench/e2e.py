@@ -19,10 +19,14 @@ One run prints one table per part (``--only`` picks parts; ``--json`` gives the 
     final transcript is shown per voice next to its latency.
 
 ``pauses``: false end-of-turn cut-offs. Sentences with a 0.4-1.0 s pause inside ("I'd like to
-    book a table ... for four people tonight."), both halves in one voice joined by digital
-    silence, into both systems. A cut-off is the system ending the user's turn (voxbus: a
-    ``user_ended`` TurnEvent; stock: the user aggregator's context frame) or its audio starting
-    before the second half has been fully sent. Shown with the e2e latency of the utterances
+    book a table ... for four people tonight."), in one voice, into both systems. Two ways of
+    making the pause (``--pause-style``; by default alternately): *inside*, the sentence spoken
+    whole with a comma there and the comma's short pause stretched to the pause (the first half
+    keeps a continuing tune, as a person who has not finished), and *joined*, the halves spoken
+    apart and joined by digital silence (the first half ends like a finished sentence). A
+    cut-off is the system ending the user's turn (voxbus: a ``user_ended`` TurnEvent; stock:
+    the user aggregator's context frame) or its audio starting before the second half has
+    been fully sent. Shown with the e2e latency of the utterances
     not cut off: what waiting costs.
 
 ``barge``: barge-in over the bus. A question that makes the agent talk; once its audio is
@@ -279,7 +283,7 @@ async def run_turn(sys_: Systems, system: str, part: str, u: U.Utterance) -> dic
     make = {"voxbus": sys_.bus, "stock": sys_.stock, "split": lambda: sys_.bus(fixed=True),
             "inproc": sys_.inproc}[system]
     rec = {"part": part, "system": system, "voice": u.voice, "text": u.text,
-           "pause_s": u.pause_s, "heard": "", "reply": "", "errors": [],
+           "pause_s": u.pause_s, "style": u.style, "heard": "", "reply": "", "errors": [],
            "figures": dict.fromkeys(FIGURES), "status": "error"}
     try:
         async with make() as s:
@@ -459,7 +463,11 @@ def summarize(records: list[dict]) -> dict:
                 "cut_off_pct": round(100 * cut / len(recs), 1) if recs else None,
                 "e2e_not_cut_off": pct(r["e2e_after_speech"] for r in kept),
                 "e2e_all": pct(r.get("e2e_after_speech") for r in recs), **counts(recs),
-                **wer(recs)}
+                **wer(recs), "by_style": {
+                    style: {"utterances": len(of), "cut_off": sum(bool(r.get("cut_off"))
+                                                                  for r in of)}
+                    for style in dict.fromkeys(r["style"] for r in recs)
+                    if (of := [r for r in recs if r["style"] == style])}}
     barge = [r for r in records if r["part"] == "barge"]
     if barge:
         st = [r for r in barge if r["status"] in ("stopped", "not_stopped")]
@@ -538,16 +546,22 @@ def report(meta: dict, summary: dict) -> str:
                 grid(rows), ""]
     if p := summary.get("pauses"):
         out.append("2. false end-of-turn cut-offs: a 0.4-1.0 s pause mid-sentence (target <= 5 %)")
-        rows = [["system", "cut off", "%", "e2e p50 (not cut off)", "p95", "n", "unanswered",
-                 "WER"]]
+        styles = list(dict.fromkeys(k for x in p.values() for k in x["by_style"]))
+        rows = [["system", "cut off", "%", *styles, "e2e p50 (not cut off)", "p95", "n",
+                 "unanswered", "WER"]]
         for system in ("voxbus", "stock"):
             x = p[system]
+            by = [f"{b['cut_off']}/{b['utterances']}" if (b := x["by_style"].get(k)) else "-"
+                  for k in styles]
             rows.append([system, f"{x['cut_off']}/{x['utterances']}",
-                         _ms(x["cut_off_pct"]) + " %", _ms(x["e2e_not_cut_off"]["p50"]),
+                         _ms(x["cut_off_pct"]) + " %", *by, _ms(x["e2e_not_cut_off"]["p50"]),
                          _ms(x["e2e_not_cut_off"]["p95"]), str(x["e2e_not_cut_off"]["n"]),
                          str(x["unanswered"] + x["failed"]),
                          f"{x['wer']:.1%}" if x["wer"] is not None else "-"])
-        out += [grid(rows), ""]
+        out += [grid(rows), "  inside: the sentence spoken whole, its comma pause stretched "
+                "(the first half keeps a continuing tune); joined: the halves spoken apart "
+                "(the first ends like a finished sentence). e2e is from the end of the second "
+                "half.", ""]
     if b := summary.get("barge"):
         out.append("3. barge-in over the bus: interruption onset (first voiced frame sent) to "
                    "the AudioFlush received (target p95 <= 300)")
@@ -618,7 +632,7 @@ async def main(args) -> None:
         for folder in args.wavs or []:
             utts += U.wav_folder(folder)
         n_pauses = args.pauses or (3 if args.quick else len(U.PAUSED))
-        paused = await asyncio.to_thread(U.paused, voices, specs, n_pauses)
+        paused = await asyncio.to_thread(U.paused, voices, specs, n_pauses, args.pause_style)
         try:
             await sys_.start()
             stock = await asyncio.to_thread(describe)
@@ -665,6 +679,8 @@ if __name__ == "__main__":
                         help="a folder of x.wav + x.txt (reference text); repeatable")
     parser.add_argument("--pauses", type=int, default=0, help=f"paused utterances (max "
                         f"{len(U.PAUSED)}; default all, 3 with --quick)")
+    parser.add_argument("--pause-style", choices=U.PAUSE_STYLES, default="mixed",
+                        help="how the pause is made (default: alternately inside and joined)")
     parser.add_argument("--barge", type=int, default=0,
                         help="interruptions (default 8, 2 with --quick)")
     parser.add_argument("--bus", type=int, default=0,

@@ -45,6 +45,8 @@ INTERRUPTIONS = ["Wait, stop, I have another question.", "Hold on a second pleas
 LEAD_S = 0.3
 ESPEAK_WPM = 150
 _FLOOR = 64
+_QUIET_RMS = 60
+"""A 10 ms window under this RMS is the voice's pause, not its speech."""
 """Samples under this magnitude at either end of a synthesized half are the voice's own
 padding, cut so that the pause between the halves is the silence we put there."""
 
@@ -60,6 +62,8 @@ class Utterance:
     """A mid-sentence pause of this length (the pause fixture), else None."""
     resume_s: float | None = None
     """Where, in ``pcm``, the words after the pause begin."""
+    style: str | None = None
+    """How the pause was made (``paused``)."""
 
 
 class Voices:
@@ -121,16 +125,59 @@ def questions(voices: Voices, specs: list[str], texts: list[str]) -> list[Uttera
             for text in texts for spec in specs]
 
 
-def paused(voices: Voices, specs: list[str], n: int) -> list[Utterance]:
-    """The first ``n`` paused sentences, voices taking turns; both halves in the same voice,
-    their own padding cut, joined by exactly the pause in digital silence."""
+PAUSE_STYLES = ("mixed", "inside", "joined")
+
+
+def paused(voices: Voices, specs: list[str], n: int, style: str = "mixed") -> list[Utterance]:
+    """The first ``n`` paused sentences, voices taking turns, in one of two styles (``mixed``:
+    alternately):
+
+    * ``inside``: the sentence spoken whole with a comma between the halves, its short comma
+      pause stretched to the pause: the words before it keep the continuing tune of someone
+      who has not finished;
+    * ``joined``: each half spoken on its own, joined by the pause: the first half then ends
+      like a finished sentence, the harder case for a detector that listens to the tune.
+
+    The voice's own padding is cut, so the silence between the halves is the pause."""
     out = []
     for i, (first, second, pause) in enumerate(PAUSED[:n]):
         spec = specs[i % len(specs)]
-        head = silence(LEAD_S) + trim(voices.say(spec, first)) + silence(pause)
-        out.append(Utterance(f"{first} {second}", spec, head + trim(voices.say(spec, second)),
-                             pause_s=pause, resume_s=len(head) / 2 / WIRE_RATE))
+        kind = style if style != "mixed" else PAUSE_STYLES[1 + i % 2]
+        halves = _inside(voices, spec, first, second) if kind == "inside" else None
+        if halves is None:
+            kind = "joined" if kind == "joined" else "joined (no word boundary found)"
+            halves = trim(voices.say(spec, first)), trim(voices.say(spec, second))
+        head = silence(LEAD_S) + halves[0] + silence(pause)
+        out.append(Utterance(f"{first} {second}", spec, head + halves[1], pause_s=pause,
+                             resume_s=len(head) / 2 / WIRE_RATE, style=kind))
     return out
+
+
+def _inside(voices: Voices, spec: str, first: str, second: str) -> tuple[bytes, bytes] | None:
+    """``first, second`` spoken whole (the comma gives the first half a continuing tune and a
+    short pause) and cut at that pause: the silent run nearest to where the first half, spoken
+    alone, would end. None when the voice made no such pause."""
+    pcm = trim(voices.say(spec, f"{first}, {second}"))
+    x = np.frombuffer(pcm, dtype="<i2").astype(np.float32)
+    est = len(trim(voices.say(spec, first))) // 2
+    win = 160  # 10 ms
+    quiet = [float(np.sqrt(np.square(x[k:k + win]).mean())) < _QUIET_RMS
+             for k in range(0, x.size - win + 1, win)]
+    runs, start = [], None
+    for i, q in enumerate([*quiet, False]):
+        if q and start is None:
+            start = i
+        elif not q and start is not None:
+            if i - start >= 4 and start > 0:  # 40 ms or more, inside the speech
+                runs.append((start * win, i * win))
+            start = None
+    runs = [r for r in runs if r[1] < x.size - win]
+    if not runs:
+        return None
+    lo, hi = min(runs, key=lambda r: abs((r[0] + r[1]) / 2 - est))
+    if abs((lo + hi) / 2 - est) > 0.5 * WIRE_RATE:
+        return None
+    return pcm[:lo * 2], pcm[hi * 2:]
 
 
 def wav_folder(folder: str | Path) -> list[Utterance]:
