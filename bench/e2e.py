@@ -390,8 +390,8 @@ async def part_barge(sys_: Systems, voices: U.Voices, specs: list[str], n: int,
         words = U.INTERRUPTIONS[i % len(U.INTERRUPTIONS)]
         interruption = await asyncio.to_thread(voices.say, spec, words)
         log(f"[{i + 1}/{n}] {spec} {words!r}")
-        records.append(await barge_turn(sys_, i, U.silence(U.LEAD_S) + question,
-                                        U.trim(interruption)))
+        rec = await barge_turn(sys_, i, U.silence(U.LEAD_S) + question, U.trim(interruption))
+        records.append({**rec, "voice": spec, "text": words})
 
 
 async def part_bus(sys_: Systems, utts: list[U.Utterance], records: list) -> None:

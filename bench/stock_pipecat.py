@@ -125,7 +125,8 @@ def describe() -> list[str]:
     mode = getattr(tts, "_text_aggregation_mode", "?")
     return [
         f"stock Pipecat {pipecat.__version__}: WhisperSTTService tiny.en (device "
-        f"{stt._device}, compute {stt._compute_type}, no_speech_prob "
+        f"{stt._device}, compute {stt._compute_type} = "
+        f"{getattr(stt._model.model, 'compute_type', '?')} here, no_speech_prob "
         f"{stt._settings.no_speech_prob}), decoding: {decoding}, best_of={best}",
         f"  PiperTTSService {VOICE_NAME}, text aggregation {getattr(mode, 'value', mode)} "
         "(whole sentences); Smart Turn v3 "
@@ -203,13 +204,13 @@ class StockSession:
     def __init__(self, *, base_url: str, model: str, system_prompt: str, temperature: float,
                  max_tokens: int, api_key: str = "sk-local"):
         self.heard = Heard()
-        context = LLMContext(messages=[{"role": "system", "content": system_prompt}])
-        pair = LLMContextAggregatorPair(context)
+        pair = LLMContextAggregatorPair(LLMContext())
         vad = VADProcessor(vad_analyzer=SileroVADAnalyzer())
         stt = StockWhisper(settings=WhisperSTTService.Settings(model=whisper_path()))
         llm = OpenAILLMService(api_key=api_key, base_url=base_url,
                                settings=OpenAILLMService.Settings(
-                                   model=model, temperature=temperature, max_tokens=max_tokens))
+                                   model=model, temperature=temperature, max_tokens=max_tokens,
+                                   system_instruction=system_prompt))
         tts = StockPiper()
         self.clock = StageClock(vad, stt, pair.user(), llm, tts)
         self.worker = PipelineWorker(
