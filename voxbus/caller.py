@@ -102,6 +102,27 @@ def make_utterances(folder: Path, questions=QUESTIONS, *, piper: bool = True,
     return out, notes
 
 
+def pause_inside(pcm: bytes, after_word: str, pause_s: float, whisper) -> bytes:
+    """``pcm`` (16 kHz) with ``pause_s`` of silence after ``after_word``, placed between its
+    words by ``whisper``'s word timestamps (a faster-whisper model).
+
+    The sentence is spoken whole first, so the words before the pause keep the rising,
+    unfinished tune of a person who has not finished (two halves spoken apart each end like
+    a finished sentence, which no turn detector should be asked to tell from one)."""
+    import numpy as np
+
+    audio = np.frombuffer(pcm, "<i2").astype(np.float32) / 32768
+    segments, _ = whisper.transcribe(audio, beam_size=1, language="en", word_timestamps=True)
+    words = [w for seg in segments for w in seg.words]
+    want = after_word.lower().strip(" ,.?!")
+    for word, following in zip(words, words[1:], strict=False):
+        if word.word.lower().strip(" ,.?!") == want:
+            at = int((word.end + following.start) / 2 * WIRE_RATE) * 2
+            return pcm[:at] + bytes(int(pause_s * WIRE_RATE) * 2) + pcm[at:]
+    raise CorpusError(f"no word {after_word!r} followed by another in "
+                      f"{' '.join(w.word.strip() for w in words)!r}")
+
+
 def wav_utterance(path: str | Path) -> Utterance:
     """One WAV file as one user turn (any rate, resampled), named by its file name."""
     from voxbus.talk import check_wavs

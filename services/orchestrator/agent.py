@@ -51,6 +51,11 @@ class TurnSettings(_Strict):
     """Silence before the VAD says the user stopped (transcription starts then)."""
     turn_stop_s: float | None = Field(default=None, gt=0, le=10)
     """Smart Turn's fallback: end an incomplete-sounding turn after this much silence."""
+    question_stop_s: float | None = Field(default=None, gt=0, le=10)
+    """Silence that ends a turn whose transcript ends a question (even when Smart Turn
+    heard it as unfinished)."""
+    statement_stop_s: float | None = Field(default=None, gt=0, le=10)
+    """Silence that ends a turn whose transcript ends a finished statement."""
     interruption_min_words: int = Field(default=0, ge=0, le=20)
     """Words the user must say before they interrupt the agent (0 = any speech interrupts).
     Counted on transcripts, so it trades barge-in speed for not stopping at "mm-hm"."""

@@ -1,7 +1,7 @@
 """A session's Pipecat pipeline, built in one place.
 
-    audio in → VADProcessor(Silero) → STT → user aggregator (turn strategies)
-             → LLM → TTS → output → [taps] → assistant aggregator
+    audio in → VADProcessor(Silero) → STT → user aggregator (Smart Turn + words, turn_end.py)
+             → LLM → TTS (first clause, then sentences) → output → [taps] → assistant
 
 The orchestrator builds it with its stages on the bus (``RemoteSTT``, ``RemoteLLM``,
 ``RemoteTTS``, ``BusAudioOutput``); ``bench/e2e.py`` builds the very same one with the stages
@@ -25,16 +25,16 @@ from pipecat.processors.aggregators.llm_response_universal import (
 )
 from pipecat.processors.audio.vad_processor import VADProcessor
 from pipecat.processors.frame_processor import FrameProcessor
+from pipecat.services.tts_service import TTSService
 from pipecat.turns.empty_user_turn import EmptyUserTurnConfig
 from pipecat.turns.user_start.min_words_user_turn_start_strategy import (
     MinWordsUserTurnStartStrategy,
 )
-from pipecat.turns.user_stop.turn_analyzer_user_turn_stop_strategy import (
-    TurnAnalyzerUserTurnStopStrategy,
-)
 from pipecat.turns.user_turn_strategies import UserTurnStrategies
 
 from services.orchestrator.agent import TurnSettings
+from services.orchestrator.first_clause import speak_first_clause
+from services.orchestrator.turn_end import WordsAndAudioTurnStop
 from voxbus.config import Settings
 
 
@@ -43,6 +43,7 @@ class Conversation:
     processors: list[FrameProcessor]
     aggregators: LLMContextAggregatorPair
     """What a FlowManager drives (it needs the pair, not the processors)."""
+    turn_stop: WordsAndAudioTurnStop
 
     @property
     def user(self) -> LLMUserAggregator:
@@ -59,8 +60,11 @@ def conversation(*, context: LLMContext, turn: TurnSettings, settings: Settings,
     """The processors of one conversation, in order, around the given stages."""
     turn_stop_s = turn.turn_stop_s or settings.turn_stop_s
     vad_stop_s = turn.vad_stop_s or settings.vad_stop_s
-    stop = TurnAnalyzerUserTurnStopStrategy(turn_analyzer=LocalSmartTurnAnalyzerV3(
-        params=SmartTurnParams(stop_secs=turn_stop_s)))
+    stop = WordsAndAudioTurnStop(
+        turn_analyzer=LocalSmartTurnAnalyzerV3(params=SmartTurnParams(stop_secs=turn_stop_s)),
+        question_stop_s=turn.question_stop_s or settings.turn_question_stop_s,
+        statement_stop_s=turn.statement_stop_s or settings.turn_statement_stop_s,
+        fallback_stop_s=turn_stop_s, speculate=settings.speculate)
     # Pipecat's strategies: by default speech starts a turn (and interrupts); with a word
     # minimum only transcripts do, one word when the agent is quiet, N while it speaks.
     start = ([MinWordsUserTurnStartStrategy(min_words=turn.interruption_min_words)]
@@ -69,7 +73,9 @@ def conversation(*, context: LLMContext, turn: TurnSettings, settings: Settings,
         user_turn_strategies=UserTurnStrategies(start=start, stop=[stop]),
         user_idle_timeout=turn.idle_timeout_s,
         empty_user_turn=EmptyUserTurnConfig(interrupted_prompt=turn.false_interruption_prompt)))
+    if isinstance(tts, TTSService) and settings.tts_first_clause:
+        speak_first_clause(tts)
     vad = SileroVADAnalyzer(params=VADParams(stop_secs=vad_stop_s))
     processors = [VADProcessor(vad_analyzer=vad), stt, aggregators.user(), llm, tts, output,
                   *(taps or []), aggregators.assistant()]
-    return Conversation(processors, aggregators)
+    return Conversation(processors, aggregators, stop)

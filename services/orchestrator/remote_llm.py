@@ -138,6 +138,7 @@ class RemoteLLM(OpenAILLMService):
         self.s = session
         self.llm_settings = dict(llm_settings or {})
         self._user_messages_seen = 0
+        self._user_messages_speculated = 0
         self._stream: BusCompletionStream | None = None
 
     async def get_chat_completions(self, context: LLMContext) -> BusCompletionStream:
@@ -150,8 +151,14 @@ class RemoteLLM(OpenAILLMService):
         # flow transition continues the current one.
         user_messages = _user_messages(context)
         if user_messages != self._user_messages_seen or self.s.turn == 0:
-            self._user_messages_seen = user_messages
-            turn = self.s.begin_bot_turn()
+            # A speculative answer's user turn is not over: it counts once confirmed (a
+            # withdrawn one leaves the committed answer to begin a turn of its own).
+            speculative = self._speculation_gate.is_speculating
+            if speculative:
+                self._user_messages_speculated = user_messages
+            else:
+                self._user_messages_seen = user_messages
+            turn = self.s.begin_bot_turn(speculative=speculative)
         else:
             turn = self.s.turn
         tools = _plain(params.get("tools")) if _given(params.get("tools")) else []
@@ -180,6 +187,10 @@ class RemoteLLM(OpenAILLMService):
                 FALLBACKS.labels(Stage.LLM.value).inc()
                 await self.push_frame(TTSSpeakFrame(self.s.agent.fallback_line,
                                                     append_to_context=False))
+
+    def speculation_confirmed(self) -> None:
+        """The speculative answer stands: its user turn is counted as answered."""
+        self._user_messages_seen = self._user_messages_speculated
 
     def resumed(self, context: LLMContext) -> None:
         """The context was restored from a stored session: its user turns are already counted."""

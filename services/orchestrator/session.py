@@ -111,6 +111,8 @@ class SessionRunner:
                             llm=self.llm, tts=RemoteTTS(self), output=BusAudioOutput(self),
                             taps=[FrameTap((BotStoppedSpeakingFrame,), self._on_bot_stopped)])
         talk.user.add_event_handler("on_user_turn_idle", self._on_user_idle)
+        talk.turn_stop.add_event_handler("on_speculation_confirmed",
+                                         self._on_speculation_confirmed)
         self.pipeline = HostedPipeline(talk.processors, name=f"orch-{session}",
                                        sample_rate=sample_rate, out_sample_rate=16000)
         aggregators = talk.aggregators
@@ -266,12 +268,19 @@ class SessionRunner:
         messages = [m for m in self.context.get_messages() if isinstance(m, dict)]
         return bool(messages) and messages[-1].get("role") == "user"
 
-    def begin_bot_turn(self) -> int:
+    def begin_bot_turn(self, *, speculative: bool = False) -> int:
         """The user's turn ended and the context goes to the LLM: a new turn id (saved, so a
-        replica taking over knows the turn and the words it has to answer)."""
+        replica taking over knows the turn and the words it has to answer). A speculative
+        answer (the user may not be done) gets its id now and its turn end when confirmed."""
         self.turn += 1
         self.trace = new_trace()
         self.bus.set_trace(self.session, self.trace)
+        if not speculative:
+            self.user_turn_ended()
+        return self.turn
+
+    def user_turn_ended(self) -> None:
+        """The turn the LLM is answering is the user's, ended now: its figures start here."""
         self.save_soon()
         self.tool_calls: list[str] = []
         self._answer_due_since = self._speech_stopped_at
@@ -281,7 +290,10 @@ class SessionRunner:
             self.worker.spawn(self.metric("eou_delay", eou, self.turn))
         self.worker.spawn(self.publish_event(Event.TURN, TurnEvent(
             turn=self.turn, state="user_ended", ts_us=now_us())))
-        return self.turn
+
+    async def _on_speculation_confirmed(self, _strategy) -> None:
+        self.llm.speculation_confirmed()
+        self.user_turn_ended()
 
     async def interrupted(self) -> None:
         # Whatever any replica still does for this turn (a queued sentence, the loser of a

@@ -22,19 +22,22 @@ def default_model_path() -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_model(model: str, device: str, compute_type: str, short_window: bool):
+def _load_model(model: str, device: str, compute_type: str, short_window: bool, beam_size: int):
     from faster_whisper import WhisperModel
 
     from services.stt.short_window import ShortWindowWhisperModel
 
     log.info("loading faster-whisper %s (%s, %s)", model, device, compute_type)
-    cls = ShortWindowWhisperModel if short_window else WhisperModel
-    return cls(model, device=device, compute_type=compute_type)
+    if short_window:
+        return ShortWindowWhisperModel(model, device=device, compute_type=compute_type,
+                                       beam_size=beam_size)
+    return WhisperModel(model, device=device, compute_type=compute_type)
 
 
 def load_model(settings: Settings):
     return _load_model(settings.stt_model or default_model_path(), settings.stt_device,
-                       settings.stt_compute_type, settings.stt_short_window)
+                       settings.stt_compute_type, settings.stt_short_window,
+                       settings.stt_beam_size)
 
 
 class SharedWhisperSTTService(WhisperSTTService):

@@ -1,0 +1,60 @@
+"""The words' say in ending a turn, and the first clause of a reply going to TTS alone."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.orchestrator.first_clause import FirstClauseAggregator
+from services.orchestrator.turn_end import words_wait
+
+WAITS = dict(question_s=0.3, statement_s=1.3, fallback_s=1.5)
+
+
+@pytest.mark.parametrize("text, complete, wait", [
+    ("What time is it in Tokyo?", False, 0.3),   # Smart Turn unsure, the question is not
+    ("What time is it in Tokyo?", True, 0.3),
+    ("I'd like to book a table for", True, 1.5),  # "complete" audio, dangling words
+    ("I'd like to book a table for...", False, 1.5),
+    ("My order number is", True, 1.5),
+    ("Um,", True, 1.5),
+    ("I'd like to book a table.", True, 1.3),     # a fragment Whisper punctuated
+    ("I'd like to book a table.", False, 1.5),
+    ("Tell me a fun fact about cats", True, 1.3),
+    ("", True, None),                              # no words: Smart Turn alone
+])
+def test_words_wait(text, complete, wait):
+    assert words_wait(text, complete, **WAITS) == wait
+
+
+async def spoken(tokens: list[str], aggregator=None) -> list[str]:
+    agg = aggregator or FirstClauseAggregator()
+    out = []
+    for token in tokens:
+        out += [a.text async for a in agg.aggregate(token)]
+    if rest := await agg.flush():
+        out.append(rest.text)
+    return out
+
+
+def tokens(text: str) -> list[str]:
+    words = text.split(" ")
+    return [words[0]] + [" " + w for w in words[1:]]
+
+
+async def test_first_clause_alone_then_sentences():
+    text = "The capital of France, as you may know, is Paris. It is lovely in May. Go!"
+    assert await spoken(tokens(text)) == [
+        "The capital of France,", "as you may know, is Paris.", "It is lovely in May.", "Go!"]
+
+
+async def test_short_or_numeric_commas_do_not_split():
+    assert await spoken(tokens("Well, it costs 1,000 euros. Yes.")) == [
+        "Well, it costs 1,000 euros.", "Yes."]
+
+
+async def test_each_reply_starts_afresh():
+    agg = FirstClauseAggregator()
+    first = await spoken(tokens("Sure thing, my friend, here it is."), agg)
+    second = await spoken(tokens("And again, my friend, here it is."), agg)
+    assert first == ["Sure thing, my friend,", "here it is."]
+    assert second == ["And again, my friend,", "here it is."]
