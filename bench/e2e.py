@@ -153,7 +153,10 @@ class Systems:
             raise RuntimeError(f"fixed-latency LLM did not start: {line!r}")
         base_url = line.split(" on ", 1)[1].split()[0]
         prefix = "benchbus" + uuid.uuid4().hex[:8]
-        settings = replace(self.settings, prefix=prefix, llm_model="fixed")
+        # Speculation's TTS prefetch and the session-start warm-up go through the bus only:
+        # off on both sides, so the difference is the bus and nothing else.
+        settings = replace(self.settings, prefix=prefix, llm_model="fixed", speculate=False,
+                           llm_warm=False)
         await self._workers(settings, base_url)
         self.fixed = {"base_url": base_url, "prefix": prefix, "settings": settings}
         return self.fixed

@@ -29,6 +29,7 @@ class ScriptedOpenAI:
     def __init__(self, script: list[Step] | Callable[[dict], Step]):
         self.script = script if callable(script) else list(script)
         self.requests: list[dict] = []
+        self.warmups: list[dict] = []
         self._runner: web.AppRunner | None = None
         self.base_url = ""
 
@@ -49,10 +50,16 @@ class ScriptedOpenAI:
 
     async def _complete(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        self.requests.append(body)
-        if callable(self.script):
+        if body.get("max_tokens") == 1 or body.get("max_completion_tokens") == 1:
+            # A session's start warming the prompt cache (VOXBUS_LLM_WARM): not a turn, and
+            # no step of the script.
+            self.warmups.append(body)
+            step = Step(text="ok")
+        elif callable(self.script):
+            self.requests.append(body)
             step = self.script(body)
         else:
+            self.requests.append(body)
             step = self.script.pop(0) if self.script else Step(text="(script exhausted)")
         if step.delay_s:
             await asyncio.sleep(step.delay_s)

@@ -379,6 +379,9 @@ class Settings:
         what="a whole number of characters, 500 or more"))
     """The newest part of a conversation sent to the LLM (with the system prompt), in JSON
     characters (~4 per token): long sessions stay as fast as short ones."""
+    llm_warm: bool = field(default_factory=lambda: _bool("VOXBUS_LLM_WARM", True))
+    """A session's start has the endpoint evaluate its system prompt (one token), so the
+    first answer finds it in the prompt cache."""
     llm_temperature: float = field(default_factory=lambda: _number(
         "VOXBUS_LLM_TEMPERATURE", 0.3, minimum=0.0, maximum=2.0, what="a number from 0 to 2"))
 

@@ -118,6 +118,8 @@ class SessionView:
                 self.bad_frames += 1
             elif type(frame) in buckets:
                 buckets[type(frame)].append((t, frame))
+            elif isinstance(frame, LlmRequest) and frame.warm:
+                continue  # a session's start warming the prompt cache: no turn's work
             elif isinstance(frame, LlmRequest | TtsRequest):
                 work = Work(t, frame, m.headers.get(REPLY_HEADER, ""))
                 (self.llm if isinstance(frame, LlmRequest) else self.tts).append(work)

@@ -234,6 +234,8 @@ class LlmRequest(Frame):
     """Overrides of the worker's LLM settings (temperature, max_tokens...)."""
     attempt: int = Field(default=0, ge=0)
     """0 for the first try; 1 for the retry a caller sent another replica (see stage_call)."""
+    warm: bool = False
+    """Only for the endpoint's prompt cache (a session starting): one token, not a turn."""
 
 
 class LlmDelta(Frame):

@@ -105,7 +105,8 @@ class LlmWorker(Service):
                     if delta.content:
                         if ttft is None:
                             ttft = time.monotonic() - started
-                            LLM_TTFT.labels(self.stage.value).observe(ttft)
+                            if not req.warm:
+                                LLM_TTFT.labels(self.stage.value).observe(ttft)
                         await self.bus.publish(reply, LlmDelta(turn=req.turn, index=count,
                                                                text=delta.content))
                         count += 1

@@ -1,5 +1,8 @@
 """The first words of a reply go to TTS at the first clause break, the rest by sentences.
 
+A clause break is a comma (semicolon, colon, dash) followed by a space, or a conjunction
+("because", "but", ...) after at least ``MIN_WORDS`` words.
+
 Pipecat's TTS services speak whole sentences: the agent is silent until the LLM has written
 the first one and Piper has synthesized all of it. The first clause ("Sure, ...", "The
 capital of France, ...") is enough to start speaking; after it, sentences keep Piper's
@@ -16,6 +19,8 @@ from pipecat.utils.text.base_text_aggregator import Aggregation, TextType
 from pipecat.utils.text.simple_text_aggregator import SimpleTextAggregator
 
 CLAUSE_MARKS = ",;:—"
+CONJUNCTIONS = frozenset("because but and so which when while although since or".split())
+"""Words a clause can begin with: "The sky is blue | because of...", a break a speaker makes."""
 MIN_WORDS = 3
 """Words before a clause break that make it worth speaking alone ("Well," is not)."""
 
@@ -44,6 +49,16 @@ class FirstClauseAggregator(SimpleTextAggregator):
                     self._first_out = True
                     yield Aggregation(text=clause, type=TextType.SENTENCE)
                     continue
+            if char.isspace() and not self._first_out:
+                # The word just ended; a conjunction after enough words starts the next clause.
+                words = _WORD.findall(self._text)
+                if len(words) > self.min_words and words[-1].lower() in CONJUNCTIONS:
+                    cut = self._text.rstrip().rfind(words[-1])
+                    clause, self._text = self._text[:cut].strip(" "), self._text[cut:]
+                    self._first_out = True
+                    self._text += char
+                    yield Aggregation(text=clause, type=TextType.SENTENCE)
+                    continue
             self._text += char
             self._after_mark = char in CLAUSE_MARKS
             if result := await self._check_sentence_with_lookahead(char):
@@ -57,6 +72,11 @@ class FirstClauseAggregator(SimpleTextAggregator):
     async def handle_interruption(self):
         self._first_out = self._after_mark = False
         await super().handle_interruption()
+
+
+def reply_aggregator(first_clause: bool) -> SimpleTextAggregator:
+    """How a reply's text is cut for TTS (what a prefetch must cut the same way)."""
+    return FirstClauseAggregator() if first_clause else SimpleTextAggregator()
 
 
 def speak_first_clause(tts: TTSService) -> TTSService:

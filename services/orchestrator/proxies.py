@@ -130,6 +130,17 @@ class RemoteTTS(TTSService):
                              voice=self.s.agent.voice)
         played = 0
         """Bytes of this sentence already on their way to the user."""
+        prefetched = self.s.prefetch.take(text, turn) if self.s.prefetch else None
+        if prefetched is not None:
+            asked = time.monotonic()
+            async for item in prefetched.chunks():
+                if played == 0:
+                    await self.s.metric("tts_ttfa", (time.monotonic() - asked) * 1000, turn)
+                played += len(item.pcm)
+                yield TTSAudioRawFrame(item.pcm, item.sample_rate, 1, context_id=context_id)
+            if prefetched.complete:
+                return
+            # Cut short (its replica died): the rest is asked for below, from where it stopped.
         for first_attempt in (0, self.s.worker.policy.attempts):
             skip = played
             try:

@@ -9,6 +9,7 @@ turn's ``LlmDelta`` frames come back as OpenAI ``ChatCompletionChunk``s.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -19,8 +20,17 @@ from openai.types.chat.chat_completion_chunk import (
     ChoiceDeltaToolCall,
     ChoiceDeltaToolCallFunction,
 )
-from pipecat.frames.frames import TTSSpeakFrame
+from pipecat.frames.frames import (
+    EagerEndOfTurnCancelFrame,
+    Frame,
+    InterruptionFrame,
+    LLMFullResponseEndFrame,
+    LLMFullResponseStartFrame,
+    LLMTextFrame,
+    TTSSpeakFrame,
+)
 from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.processors.frame_processor import FrameDirection
 from pipecat.services.openai.llm import OpenAILLMService
 from pipecat.utils.types import assert_given
 
@@ -33,6 +43,8 @@ from voxbus.wire import LlmDelta, LlmDone, LlmRequest
 
 if TYPE_CHECKING:
     from services.orchestrator.session import SessionRunner
+
+log = logging.getLogger("voxbus.orchestrator")
 
 
 
@@ -188,9 +200,48 @@ class RemoteLLM(OpenAILLMService):
                 await self.push_frame(TTSSpeakFrame(self.s.agent.fallback_line,
                                                     append_to_context=False))
 
+    async def push_frame(self, frame: Frame, direction: FrameDirection = FrameDirection.DOWNSTREAM):
+        # Before the gate: a speculated reply's first words go to TTS while it is held.
+        prefetch = self.s.prefetch
+        if prefetch and direction is FrameDirection.DOWNSTREAM:
+            if self._speculation_gate.is_speculating:
+                if isinstance(frame, LLMFullResponseStartFrame):
+                    await prefetch.begin()
+                elif isinstance(frame, LLMTextFrame):
+                    await prefetch.text(frame.text)
+            if isinstance(frame, LLMFullResponseEndFrame):
+                await prefetch.reply_ended()
+        await super().push_frame(frame, direction)
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection):
+        if self.s.prefetch and isinstance(frame, EagerEndOfTurnCancelFrame | InterruptionFrame):
+            self.s.prefetch.drop()
+        await super().process_frame(frame, direction)
+
+    async def warm(self, context: LLMContext) -> None:
+        """Have the endpoint evaluate the conversation so far (the system prompt, for a new
+        session) while the user draws breath: its prompt cache then holds the prefix, and
+        the first turn's answer costs only the user's words."""
+        params = await self.get_llm_adapter().get_llm_invocation_params(
+            context, system_instruction=assert_given(self._settings.system_instruction),
+            convert_developer_to_user=not self.supports_developer_role)
+        messages = recent(_plain(list(params["messages"])),
+                          self.s.worker.settings.llm_context_chars)
+        request = LlmRequest(session=self.s.session, turn=self.s.turn, messages=messages,
+                             settings={"max_tokens": 1}, warm=True)
+        try:
+            async with StageCall(self.s.bus, Stage.LLM, request,
+                                 policy=self.s.worker.policy) as call:
+                async for _ in call:
+                    pass
+        except (StageUnavailable, StageFailed) as e:
+            log.debug("%s: LLM warm-up skipped: %s", self.s.session, e)
+
     def speculation_confirmed(self) -> None:
         """The speculative answer stands: its user turn is counted as answered."""
         self._user_messages_seen = self._user_messages_speculated
+        if self.s.prefetch:
+            self.s.prefetch.stop_watching()
 
     def resumed(self, context: LLMContext) -> None:
         """The context was restored from a stored session: its user turns are already counted."""

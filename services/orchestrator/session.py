@@ -23,11 +23,13 @@ from pipecat.processors.aggregators.llm_context import LLMContext
 
 from services.orchestrator.agent import load_flow
 from services.orchestrator.echo_gate import EchoGate
+from services.orchestrator.first_clause import reply_aggregator
 from services.orchestrator.metrics import FALLBACKS, INTERRUPTIONS, STAGE_ERRORS
 from services.orchestrator.pipeline import conversation
 from services.orchestrator.proxies import BusAudioOutput, RemoteSTT, RemoteTTS
 from services.orchestrator.remote_llm import RemoteLLM
 from services.orchestrator.session_store import Fenced, SessionRecord
+from services.orchestrator.speech_prefetch import SpeechPrefetcher
 from services.orchestrator.stt_link import SttLink
 from voxbus.audio import WIRE_RATE
 from voxbus.bus import new_trace, now_us
@@ -104,6 +106,9 @@ class SessionRunner:
         # The reference (audio.out) is at the wire rate; other input rates go ungated.
         self.echo_gate = (EchoGate() if agent.turn.echo_gate and sample_rate == WIRE_RATE
                           else None)
+        self.prefetch = (SpeechPrefetcher(self, reply_aggregator(settings.tts_first_clause))
+                         if settings.speculate else None)
+        """The first words of a speculated answer, synthesized while it is held."""
         self.stt = RemoteSTT(self)
         self.llm = RemoteLLM(self, system_instruction=agent.system_prompt,
                              llm_settings=agent.llm_request_settings())
@@ -133,6 +138,8 @@ class SessionRunner:
 
     async def start(self) -> None:
         await self.pipeline.start()
+        if self.worker.settings.llm_warm:
+            self.worker.spawn(self.llm.warm(self.context), name=f"warm-{self.session}")
         if self.resume:
             self.llm.resumed(self.context)
             # Whatever the previous owner still had running for the session stops.

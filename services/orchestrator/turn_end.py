@@ -6,7 +6,8 @@ and a sentence parted by a pause ("I'd like to book a table ... for four") "comp
 transcript tells these apart, Whisper having punctuated what it heard:
 
 * words that dangle ("...a table for", "and", "um,", "..."): wait the whole fallback;
-* words that end a question ("...in Tokyo?"): end after ``question_stop_s`` of silence;
+* words that end a question ("...in Tokyo?"): end after ``question_stop_s`` of silence,
+  unless it only leads in to one ("Can you tell me?"), which waits like a statement;
 * anything else: after ``statement_stop_s`` if Smart Turn heard an end, else the fallback.
   Whisper ends a fragment with a full stop too, so a statement waits out a pause longer
   than the ones people make inside a sentence (0.4-1.0 s).
@@ -41,6 +42,9 @@ i'm it's i'd i'll we're you're um uh er hmm like very really just
 """.split())
 """Words a finished sentence seldom ends on: after them, the person is still talking."""
 
+LEAD_INS = frozenset("me us you know if whether wondering think".split())
+"""Last words of a question that usually introduces the real one ("Can you tell me...")."""
+
 _WORDS = re.compile(r"[a-z0-9']+")
 
 
@@ -55,7 +59,8 @@ def words_wait(text: str, audio_complete: bool, *, question_s: float, statement_
     if text.endswith(("...", "…", ",", ";", ":", "-", "—")) or words[-1] in DANGLING:
         return fallback_s  # the sentence goes on, whatever the audio sounded like
     if text.endswith("?"):
-        return question_s
+        # "Can you tell me?" ... "what the weather is like": a lead-in, not the question.
+        return statement_s if words[-1] in LEAD_INS else question_s
     # A statement, or words Whisper left unpunctuated. Whisper ends a fragment with a full
     # stop too ("I'd like to book a table." before "...for four"), and Smart Turn called
     # that one complete at 0.94: a statement waits out a pause of a second either way.

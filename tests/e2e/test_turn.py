@@ -61,8 +61,8 @@ async def test_a_turn_is_measured_and_traced_across_services(system, speech_wav,
         assert count(f, stage="orchestrator") >= before[f] + 1, f
     assert count("voxbus_bus_hop_seconds", kind="AudioIn") > hops
 
-    (number,) = {f.turn for _, f in seen
-                 if isinstance(f, LlmRequest) and f.session == turn.session}
+    (number,) = {f.turn for _, f in seen  # (the session start's warm-up is no turn)
+                 if isinstance(f, LlmRequest) and f.session == turn.session and not f.warm}
     kinds = (LlmRequest, LlmDelta, TtsRequest, TtsAudio, AudioOut, BotText)
     of_turn = [(h.get(TRACE_HEADER), type(f).__name__) for h, f in seen
                if isinstance(f, kinds) and f.turn == number]  # the only session running

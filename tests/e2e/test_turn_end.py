@@ -24,7 +24,8 @@ from tests.e2e.caller import Caller
 from tests.scripted_openai import ScriptedOpenAI, Step
 from voxbus.audio import WIRE_RATE, read_wav
 from voxbus.caller import pause_inside
-from voxbus.wire import AudioOut, BotText, TurnEvent
+from voxbus.subjects import Stage
+from voxbus.wire import AudioOut, BotText, TtsRequest, TurnEvent
 
 pytestmark = pytest.mark.slow
 
@@ -80,6 +81,14 @@ async def test_a_turn_that_ends_as_speculated_is_answered_once(system, speak):
     # ends on the silence fallback with the same words.
     question = read_wav(speak("Could you book me a table for", tail_s=0.0))
     async with Caller(system.settings, "chat") as caller:
+        synthesis: list[tuple[float, TtsRequest]] = []
+
+        async def tts_work(frame, _msg):
+            if isinstance(frame, TtsRequest):
+                synthesis.append((time.monotonic(), frame))
+
+        await caller.bus.subscribe(caller.bus.subjects.work_copy(caller.session, Stage.TTS),
+                                   tts_work)
         caller.say(question + silence(3.0))
         await caller.wait_for(lambda f: isinstance(f, AudioOut), 40, "the reply")
         ended = next(h for h in caller.frames_of(TurnEvent) if h.frame.state == "user_ended")
@@ -89,3 +98,8 @@ async def test_a_turn_that_ends_as_speculated_is_answered_once(system, speak):
         assert asked_at < ended.at, "the answer was not started before the turn ended"
         spoken = " ".join(h.frame.text for h in caller.frames_of(BotText)).lower()
         assert "table" in spoken, spoken
+        # The reply's first words were synthesized while it was held, and only then.
+        first = [(t, r) for t, r in synthesis if r.turn == ended.frame.turn]
+        assert first and first[0][0] < ended.at, "the first words waited for the turn end"
+        texts = [r.text for _, r in first]
+        assert len(texts) == len(set(texts)), f"a sentence was synthesized twice: {texts}"

@@ -20,6 +20,7 @@ WAITS = dict(question_s=0.3, statement_s=1.3, fallback_s=1.5)
     ("I'd like to book a table.", True, 1.3),     # a fragment Whisper punctuated
     ("I'd like to book a table.", False, 1.5),
     ("Tell me a fun fact about cats", True, 1.3),
+    ("Can you tell me?", True, 1.3),               # a lead-in to the real question
     ("", True, None),                              # no words: Smart Turn alone
 ])
 def test_words_wait(text, complete, wait):
@@ -58,3 +59,10 @@ async def test_each_reply_starts_afresh():
     second = await spoken(tokens("And again, my friend, here it is."), agg)
     assert first == ["Sure thing, my friend,", "here it is."]
     assert second == ["And again, my friend,", "here it is."]
+
+
+async def test_a_conjunction_after_enough_words_starts_the_next_clause():
+    text = "The sky is blue because of Rayleigh scattering. So it is."
+    assert await spoken(tokens(text)) == [
+        "The sky is blue", "because of Rayleigh scattering.", "So it is."]
+    assert await spoken(tokens("Cats and dogs are pets.")) == ["Cats and dogs are pets."]
