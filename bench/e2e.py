@@ -355,6 +355,10 @@ async def barge_turn(sys_: Systems, i: int, question: bytes, interruption: bytes
     flush = next((at for at, t in h.flushes if at >= onset), None)
     rec.update(errors=h.errors, turn=turn, heard=" ".join(h.transcripts),
                onset_to_flush=_r((flush - onset) * 1000) if flush else None,
+               onset_to_vad=_r((vad - onset) * 1000) if (vad := next(
+                   (at for at in h.vad_starts if at >= onset), None)) else None,
+               quiet_onset_to_vad=_r((qv - speech.onset_at) * 1000) if (qv := next(
+                   (at for at in h.vad_starts if at >= speech.onset_at), None)) else None,
                onset_to_last_audio=_r((max(old) - onset) * 1000) if old else None,
                audio_after_flush=sum(1 for at in old if flush and at > flush))
     rec["status"] = ("missed" if not playing else "stopped" if flush else "not_stopped")
@@ -482,6 +486,8 @@ def summarize(records: list[dict]) -> dict:
             "unanswered": sum(r["status"] == "unanswered" for r in barge),
             "failed": sum(r["status"] == "error" for r in barge),
             "onset_to_flush": pct(r.get("onset_to_flush") for r in st),
+            "onset_to_vad": pct(r.get("onset_to_vad") for r in st),
+            "quiet_onset_to_vad": pct(r.get("quiet_onset_to_vad") for r in st),
             "onset_to_last_audio": pct(r.get("onset_to_last_audio") for r in st),
             "audio_after_flush": sum(r.get("audio_after_flush", 0) for r in st)}
     bus = [r for r in records if r["part"] == "bus"]
@@ -569,7 +575,9 @@ def report(meta: dict, summary: dict) -> str:
         out.append("3. barge-in over the bus: interruption onset (first voiced frame sent) to "
                    "the AudioFlush received (target p95 <= 300)")
         rows = [["measure", "p50", "p95", "n"]]
-        for key, name in (("onset_to_flush", "onset -> AudioFlush"),
+        for key, name in (("quiet_onset_to_vad", "(the question, agent quiet: onset -> VAD)"),
+                          ("onset_to_vad", "onset -> VAD 'started' event"),
+                          ("onset_to_flush", "onset -> AudioFlush"),
                           ("onset_to_last_audio", "onset -> last AudioOut of the turn")):
             rows.append([name, _ms(b[key]["p50"]), _ms(b[key]["p95"]), str(b[key]["n"])])
         out += [grid(rows),

@@ -37,6 +37,8 @@ from voxbus.wire import (
     SessionStart,
     Transcript,
     TurnEvent,
+    VadEvent,
+    VadState,
 )
 
 FRAME_S = 0.02
@@ -132,6 +134,8 @@ class Heard:
     audio: list[tuple[float, int]] = field(default_factory=list)
     """(received at, agent turn) for each chunk of agent audio."""
     flushes: list[tuple[float, int]] = field(default_factory=list)
+    vad_starts: list[float] = field(default_factory=list)
+    """When the orchestrator's VAD said the user started speaking (voxbus: VadEvent)."""
     turn_ends: list[float] = field(default_factory=list)
     """When the system declared the user's turn over (voxbus: TurnEvent user_ended)."""
     metrics: dict[str, float] = field(default_factory=dict)
@@ -234,6 +238,8 @@ class BusSession:
             h.reply.append(f.text.strip())
         elif isinstance(f, Metric):
             h.metrics.setdefault(f.name, f.value_ms)
+        elif isinstance(f, VadEvent) and f.state is VadState.STARTED:
+            h.vad_starts.append(now)
         elif isinstance(f, TurnEvent) and f.state == "user_ended":
             h.turn_ends.append(now)
         elif isinstance(f, ErrorEvent):
