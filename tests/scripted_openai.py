@@ -50,9 +50,10 @@ class ScriptedOpenAI:
 
     async def _complete(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        if body.get("max_tokens") == 1 or body.get("max_completion_tokens") == 1:
-            # A session's start warming the prompt cache (VOXBUS_LLM_WARM): not a turn, and
-            # no step of the script.
+        one_token = body.get("max_tokens") == 1 or body.get("max_completion_tokens") == 1
+        if one_token and all(m.get("role") == "system" for m in body.get("messages", [])):
+            # A new session warming the prompt cache (VOXBUS_LLM_WARM): its system prompt
+            # alone, one token. Not a turn, and no step of the script.
             self.warmups.append(body)
             step = Step(text="ok")
         elif callable(self.script):

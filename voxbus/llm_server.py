@@ -49,7 +49,7 @@ class LocalLlmServer:
         self.model = model or os.environ.get("VOXBUS_LLM_GGUF") or default_gguf()
         self.port = port or free_port()
         self.threads = threads or default_threads()
-        self.batch_threads = max(self.threads, os.cpu_count() or 1)
+        self.batch_threads = int(os.environ.get("VOXBUS_LLM_BATCH_THREADS") or self.threads)
         self.cache_mb = cache_mb
         """Prompt cache (0: none): one entry per conversation, ~100 MB each for SmolLM2."""
         self.proc: subprocess.Popen | None = None
@@ -67,10 +67,9 @@ class LocalLlmServer:
             sys.executable, "-m", "voxbus.llm_endpoint", "--model", self.model,
             "--model_alias", MODEL_ALIAS, "--host", "127.0.0.1", "--port", str(self.port),
             "--n_ctx", "2048", "--n_threads", str(self.threads),
-            # Prompt evaluation is one batched matmul that scales across the cores, and it runs
-            # when the user has just stopped (STT done, TTS not begun): all of them. Token
-            # generation stays on ``threads`` (see default_threads). Time to first token on the
-            # bench's questions, 2 cores: p50 189 -> 148 ms.
+            # Prompt evaluation may use more cores than generation (VOXBUS_LLM_BATCH_THREADS):
+            # on an idle 2-core box, 2 took time to first token from p50 189 to 148 ms; beside
+            # busy stages its threads spin at barriers like generation's do (default_threads).
             "--n_threads_batch", str(self.batch_threads), "--verbose", "false",
             # By default a new request cuts off the one streaming (it ends early, often with
             # nothing said): with several sessions, or a hedged retry, every reply but the last

@@ -138,7 +138,8 @@ class SessionRunner:
 
     async def start(self) -> None:
         await self.pipeline.start()
-        if self.worker.settings.llm_warm:
+        if self.worker.settings.llm_warm and not self.resume:
+            # (A resumed conversation was being answered a moment ago: nothing to warm.)
             self.worker.spawn(self.llm.warm(self.context), name=f"warm-{self.session}")
         if self.resume:
             self.llm.resumed(self.context)

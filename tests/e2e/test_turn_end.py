@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-async def system(settings):
+async def system(settings, tmp_path):
     asked: list[tuple[float, str]] = []
 
     def echo(body: dict) -> Step:
@@ -40,7 +40,12 @@ async def system(settings):
         return Step(text=f"You said: {said}")
 
     endpoint = await ScriptedOpenAI(echo).start()
-    s = replace(settings, llm_model="scripted")
+    # An agent that waits 1.2 s whatever the words say: the wait (and so the speculation)
+    # does not hang on how Whisper happens to punctuate a segment.
+    (tmp_path / "patient.yaml").write_text(
+        "system_prompt: You are a restaurant host.\n"
+        "turn: {question_stop_s: 1.2, statement_stop_s: 1.2}\n")
+    s = replace(settings, llm_model="scripted", agents_dir=str(tmp_path))
     services = [SttWorker(s), TtsWorker(s), LlmWorker(s, base_url=endpoint.base_url),
                 OrchestratorWorker(s)]
     for svc in services:
@@ -76,11 +81,10 @@ async def test_a_pause_inside_a_sentence_does_not_end_the_turn(system, speak, se
 
 
 async def test_a_turn_that_ends_as_speculated_is_answered_once(system, speak):
-    # Ends on a dangling word and then stays silent: every path speculates during the wait
-    # (Smart Turn's "incomplete", or "complete" overruled by the words) and the turn then
-    # ends on the silence fallback with the same words.
-    question = read_wav(speak("Could you book me a table for", tail_s=0.0))
-    async with Caller(system.settings, "chat") as caller:
+    # A question, then silence: the patient agent speculates while it waits out its 1.2 s,
+    # and the turn then ends with the same words.
+    question = read_wav(speak("Could you book me a table for tonight?", tail_s=0.0))
+    async with Caller(system.settings, "patient") as caller:
         synthesis: list[tuple[float, TtsRequest]] = []
 
         async def tts_work(frame, _msg):
