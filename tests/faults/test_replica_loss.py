@@ -179,12 +179,14 @@ async def test_stt_replica_killed_mid_utterance_loses_no_words(fast, replicas, e
             next(r for r in stts if r.id == serving).signal(signal.SIGKILL)
             await bounded(answered(caller, start), 40, "the answer")
             heard = transcripts(caller)
-            # Lost audio shows as missing words (0.8 s is about three); tiny.en may still
-            # mishear one on a segment cut elsewhere ("paris" as "pears"), which loses nothing.
+            # Lost audio shows as missing words (0.8 s is about three). Spelling is not asserted:
+            # tiny.en hears a segment cut elsewhere differently ("paris" as "pears", "france" as
+            # "friends"), which loses nothing. At most one word missing and two errors in all
+            # rules out a lost run of words; the opening words are the audio that only the
+            # killed replica had before the handover.
             wrong, words = word_errors(question, heard)
             assert len(normalize(heard)) >= words - 1 and wrong <= 2, f"words lost: {heard!r}"
-            for word in ("capital", "france", "people"):
-                assert word in heard, f"{word!r} lost: {heard!r}"
+            assert normalize(heard)[:3] == normalize(question)[:3], f"opening lost: {heard!r}"
             assert not errors(caller), errors(caller)
     finally:
         await stop_all(services)
