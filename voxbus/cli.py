@@ -1,5 +1,5 @@
-"""The one entry point: ``voxbus up | talk | record | sessions | replay | token | ctl | control |
-bench | <stage>``."""
+"""The one entry point: ``voxbus up | talk | record | sessions | transcript | replay | token | ctl |
+control | bench | <stage>``."""
 
 from __future__ import annotations
 
@@ -39,6 +39,8 @@ def _run_service(name: str) -> int:
         from services.media_gateway.worker import GatewayWorker as cls
     elif name == "control":
         from voxbus.control.service import ControlService as cls
+    elif name == "post_call":
+        from services.post_call.stage import PostCallStage as cls
     else:
         from services.orchestrator.worker import OrchestratorWorker as cls
     try:
@@ -69,18 +71,38 @@ def _recordings(args) -> int:
 
     settings = Settings()
     if args.cmd == "sessions":
+        from voxbus.post_call_results import ResultStore, describe_result, summary
+
         async def listed():
             async with recording.Recorder(args.nats, settings.prefix) as rec:
-                return await rec.sessions()
+                found = await rec.sessions()
+                results = await ResultStore(rec.js, settings.prefix).open()
+                return found, (await results.all() if results else {})
 
-        found = asyncio.run(listed())
+        found, post_call = asyncio.run(listed())
         if not found and not args.json:
             print(f"no recorded sessions for prefix {settings.prefix!r}")
         for s in found:
             when = datetime.fromtimestamp(s.started_at_us / 1e6).strftime("%Y-%m-%d %H:%M:%S")
-            print(json.dumps(asdict(s)) if args.json else
+            result = post_call.get(s.session)
+            print(json.dumps({**asdict(s), "post_call": summary(result)}) if args.json else
                   f"{s.session:<14} {when}  {s.duration_s:7.1f} s  {s.messages:6d} msgs  "
-                  f"agent {s.agent or '-':<12} {'ended: ' + s.ended if s.ended else 'open'}")
+                  f"agent {s.agent or '-':<12} {'ended: ' + s.ended if s.ended else 'open'}"
+                  + (f"  post-call: {describe_result(result)}" if result else ""))
+        return 0
+    if args.cmd == "transcript":
+        from voxbus.transcript import format_text, read_transcript
+
+        async def read():
+            async with recording.Recorder(args.nats, settings.prefix) as rec:
+                return await read_transcript(rec.js, rec.subjects, args.session)
+
+        lines = asyncio.run(read())
+        if args.json:
+            print(json.dumps({"session": args.session,
+                              "lines": [line.as_dict() for line in lines]}))
+        else:
+            print(format_text(args.session, lines))
         return 0
     if args.cmd == "record":
         if not args.session and not args.enable:
@@ -182,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     p_up.add_argument("--scale", metavar="STAGE=N,...",
                       help="replicas per stage, e.g. stt=2,llm=2,tts=2,orchestrator=2 (default 1)")
 
-    for name in ("stt", "llm", "tts", "orchestrator", "gateway"):
+    for name in ("stt", "llm", "tts", "orchestrator", "gateway", "post_call"):
         sub.add_parser(name, help=f"run one {name} replica (configured by environment)")
     sub.add_parser("control", help="run the gRPC control plane (VOXBUS_CONTROL_*)")
     _add_ctl_parser(sub)
@@ -205,6 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     p_sessions = sub.add_parser("sessions", help="list the recorded sessions")
     p_sessions.add_argument("--nats", default=nats_default)
     p_sessions.add_argument("--json", action="store_true", help="one JSON object per session")
+
+    p_transcript = sub.add_parser("transcript", help="a recorded session's transcript")
+    p_transcript.add_argument("session", help="session id (see voxbus sessions)")
+    p_transcript.add_argument("--nats", default=nats_default)
+    p_transcript.add_argument("--json", action="store_true",
+                              help="JSON: turn, role, text and timestamps per line")
 
     p_record = sub.add_parser("record", help="export a recorded session to a file")
     p_record.add_argument("session", nargs="?", help="session id (see voxbus sessions)")
@@ -246,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             return bench_load(args)
         except KeyboardInterrupt:
             return 130
-    if args.cmd in ("sessions", "record", "replay"):
+    if args.cmd in ("sessions", "transcript", "record", "replay"):
         from voxbus.errors import VoxbusError
         try:
             return _recordings(args)

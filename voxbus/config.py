@@ -242,6 +242,29 @@ def _secret_value(name: str) -> str:
     return raw
 
 
+def _post_call_secret() -> str:
+    raw = _secret_value("VOXBUS_POST_CALL_SECRET")
+    if raw and len(raw.encode()) < MIN_SECRET_BYTES:
+        raise _fail(f"VOXBUS_POST_CALL_SECRET is {len(raw.encode())} bytes: expected at least "
+                    f"{MIN_SECRET_BYTES} (e.g. python -c 'import secrets; "
+                    "print(secrets.token_urlsafe(32))')")
+    return raw
+
+
+def _post_call_backoff() -> tuple[float, ...]:
+    raw = _raw("VOXBUS_POST_CALL_BACKOFF_S")
+    if raw is None:
+        return (2.0, 10.0, 30.0, 120.0, 600.0)
+    try:
+        waits = tuple(float(part) for part in raw.split(","))
+    except ValueError:
+        waits = ()
+    if not waits or not all(math.isfinite(w) and w > 0 for w in waits) or len(waits) > 20:
+        raise _fail(f"VOXBUS_POST_CALL_BACKOFF_S={os.environ['VOXBUS_POST_CALL_BACKOFF_S']!r}: "
+                    "expected 1-20 comma-separated waits in seconds, each more than 0")
+    return waits
+
+
 @dataclass(frozen=True)
 class NatsAuth:
     """How a process proves who it is to NATS, and how it trusts the server (TLS): from the
@@ -451,6 +474,19 @@ class Settings:
     jetstream_dir: str = field(default_factory=lambda: _env("VOXBUS_JETSTREAM_DIR", ""))
     """Where ``voxbus up``'s own nats-server keeps JetStream (recordings survive restarts);
     empty = a temporary folder removed when it stops."""
+
+    # Post-call work (services/post_call/)
+    post_call_secret: str = field(default_factory=_post_call_secret, repr=False)
+    """Signs webhook deliveries (``Voxbus-Signature``); a webhook agent needs it."""
+    post_call_backoff_s: tuple[float, ...] = field(default_factory=_post_call_backoff)
+    """Waits before each redelivery of a session end whose post-call work failed; past the
+    last one (``len + 1`` deliveries in all) the stage gives up and says so."""
+    post_call_webhook_timeout_s: float = field(
+        default_factory=lambda: _seconds("VOXBUS_POST_CALL_WEBHOOK_TIMEOUT_S", 10.0))
+    """One webhook POST that takes longer has failed (and is retried)."""
+    post_call_llm_s: float = field(
+        default_factory=lambda: _seconds("VOXBUS_POST_CALL_LLM_S", 30.0))
+    """The extraction's deadline for a first token: it waits behind live turns."""
 
     def __post_init__(self):
         # Only what no single variable can say. Values passed in code are the caller's to get

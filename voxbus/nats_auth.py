@@ -18,13 +18,14 @@ from typing import Any
 from voxbus.config import NatsAuth
 from voxbus.subjects import Event, Stage, Subjects
 
-ROLES = ("stt", "llm", "tts", "orchestrator", "gateway", "control", "client", "admin")
+ROLES = ("stt", "llm", "tts", "orchestrator", "gateway", "control", "post_call", "client",
+         "admin")
 """``client``: ``voxbus talk``, ``replay``, ``sessions`` and ``record`` (the CLI, any session);
 ``admin``: set-up (``voxbus up`` itself: the recording stream) and nothing a service does."""
 
 STAGE_ROLES = {Stage.STT: "stt", Stage.LLM: "llm", Stage.TTS: "tts",
                Stage.ORCHESTRATOR: "orchestrator", Stage.GATEWAY: "gateway",
-               Stage.CONTROL: "control"}
+               Stage.CONTROL: "control", Stage.POST_CALL: "post_call"}
 """The role each stage's replicas connect as."""
 
 INBOX = "_INBOX"
@@ -144,6 +145,19 @@ def permissions(role: str, prefix: str = "vox") -> dict[str, Any]:
         sub += [s.all_events(kind) for kind in (Event.METRIC, Event.TURN, Event.ERROR)]
         pub += [_every(s.ctl(any_)), _every(s.worker_ctl(any_))]  # EndSession, DrainWorker
         pub += _stream_api(_kv_stream(s.sessions_bucket()), write=False)  # reads the bucket
+        pub += _stream_api(_kv_stream(s.post_call_bucket()), write=False)  # GetSession's
+    elif role == "post_call":
+        # Session ends and transcripts from the recording (its durable consumer, acks), the
+        # extraction through the LLM stage (Cancel on ctl when a hedged attempt is dropped),
+        # results in its bucket and on its delivery subjects.
+        replica(Stage.POST_CALL)
+        sends_work(Stage.LLM)
+        sub.append(_every(s.replies(any_, Stage.LLM)))
+        pub += [_every(s.ctl(any_)), s.all_post_call_deliveries()]
+        rec, durable = s.recording_stream(), s.post_call_consumer()
+        pub += [*_stream_api(rec, write=False), f"$JS.ACK.{rec}.{durable}.>"]
+        bucket = s.post_call_bucket()
+        pub += [_kv_keys(bucket), *_stream_api(_kv_stream(bucket))]
     elif role == "client":
         # voxbus talk and live replay: a session's audio in, its end, everything it carries;
         # stage replay: one stage's work, and the VAD events an STT replica follows.
@@ -152,10 +166,14 @@ def permissions(role: str, prefix: str = "vox") -> dict[str, Any]:
         pub += [_every(s.audio_in(any_)), _every(s.ctl(any_)), _every(s.event(any_, Event.VAD)),
                 s.errors(), _every(s.event(any_, Event.ERROR))]
         pub += _stream_api(s.recording_stream())  # voxbus sessions / record [--enable]
+        pub += _stream_api(_kv_stream(s.post_call_bucket()), write=False)  # post-call results
+        sub.append(s.all_post_call_deliveries())
     else:  # admin
         pub += [f"{prefix}.>", f"{JS_API}.INFO", f"{JS_API}.STREAM.NAMES",
                 f"{JS_API}.STREAM.LIST", _kv_keys(s.sessions_bucket())]
-        for stream in (s.recording_stream(), _kv_stream(s.sessions_bucket())):
+        pub.append(_kv_keys(s.post_call_bucket()))
+        for stream in (s.recording_stream(), _kv_stream(s.sessions_bucket()),
+                       _kv_stream(s.post_call_bucket())):
             pub += _stream_api(stream, admin=True)
         sub.append(f"{prefix}.>")
     sub.append(inbox(role))  # a role that makes no requests today has nothing there to read

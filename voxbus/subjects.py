@@ -14,6 +14,7 @@ Layout (``<p>`` is the deployment prefix, ``vox`` by default)::
     <p>.hb.<stage>                       worker heartbeats
     <p>.ctl.worker.<worker>              one replica's control subject (Drain)
     <p>.err                              errors not tied to a session
+    <p>.postcall.<topic>                 post-call results delivered on NATS (PostCallResult)
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ class Stage(StrEnum):
     GATEWAY = "gateway"
     CONTROL = "control"
     """The operator's gRPC control plane (voxbus/control/): heartbeats, takes no stage work."""
+    POST_CALL = "post_call"
+    """Work after a session ended (services/post_call/): fed by a durable JetStream consumer
+    on session ends, not by a work subject."""
 
 
 class Event(StrEnum):
@@ -139,10 +143,26 @@ class Subjects:
     def errors(self) -> str:
         return f"{self.prefix}.err"
 
+    def post_call_delivery(self, topic: str) -> str:
+        """Where an agent's post-call results go when it delivers on NATS (``deliver.nats``)."""
+        return f"{self.prefix}.postcall.{_token(topic, 'post-call topic')}"
+
+    def all_post_call_deliveries(self) -> str:
+        return f"{self.prefix}.postcall.>"
+
     # JetStream (their names cannot hold dots)
     def recording_stream(self) -> str:
         """The stream that records every session subject of this prefix."""
         return "VOXBUS_REC_" + self.prefix.replace(".", "_")
+
+    def post_call_consumer(self) -> str:
+        """The durable consumer (on the recording stream, over every session's ``ctl``) that
+        feeds the post-call stage: one per prefix, shared by its replicas."""
+        return "voxbus_post_call"
+
+    def post_call_bucket(self) -> str:
+        """The KV bucket holding each ended session's post-call state and result."""
+        return "voxbus_postcall_" + self.prefix.replace(".", "_")
 
     def sessions_bucket(self) -> str:
         """The KV bucket holding each live session's resumable state (the orchestrators')."""

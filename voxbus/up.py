@@ -1,8 +1,8 @@
 """``voxbus up``: everything on one machine, each stage its own process, as deployed.
 
 The composition only: which children (nats-server, the local LLM endpoint, every stage
-replica, the control plane), in what order, and what is checked before ``voxbus ready``;
-keeping them running is :mod:`voxbus.supervisor`'s job.
+replica, the control plane, the post-call stage), in what order, and what is checked before
+``voxbus ready``; keeping them running is :mod:`voxbus.supervisor`'s job.
 """
 
 from __future__ import annotations
@@ -181,7 +181,10 @@ async def _compose(sup: Supervisor, settings: Settings, nats: NatsServer | None,
     env["VOXBUS_HTTP_PORT"] = str(http_port)
 
     stages = []
-    for stage in (*STAGES, "control"):
+    # Post-call work reads session ends and transcripts from the recording: without it
+    # (VOXBUS_RECORD=0) there is nothing for it to do.
+    post_call = ("post_call",) if settings.record else ()
+    for stage in (*STAGES, "control", *post_call):
         for n in range(1, scale.get(stage, 1) + 1):
             replica = dict(env, VOXBUS_WORKER_ID=f"{n}-{uuid.uuid4().hex[:6]}")
             if passwords:

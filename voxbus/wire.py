@@ -78,6 +78,7 @@ class Tag(IntEnum):
     HEARTBEAT = 80
     DRAIN = 81
     METRIC = 90
+    POST_CALL_RESULT = 100
 
 
 # --- audio -------------------------------------------------------------------------------
@@ -350,6 +351,29 @@ class Metric(Frame):
     name: str
     value_ms: float
     turn: int = 0
+
+
+# --- after the session ----------------------------------------------------------------
+
+
+class PostCallResult(Frame):
+    """What the post-call stage extracted from an ended session, as an agent that delivers on
+    NATS receives it on ``<p>.postcall.<topic>`` (a webhook gets the same fields as JSON)."""
+
+    TAG = Tag.POST_CALL_RESULT
+    id: str
+    """Idempotency key, the same on every delivery of this session's result: dedupe on it."""
+    session: SessionId
+    agent: str
+    ended_reason: str = ""
+    ended_at_us: int = 0
+    """When the session's ``SessionEnd`` was recorded (µs since the Unix epoch)."""
+    fields: dict[str, Any] | None = None
+    """The extracted fields, valid against the agent's ``post_call.schema``; None on error."""
+    error: str | None = None
+    """Why there are no fields (the model's reply was not valid JSON twice, or no LLM)."""
+    transcript: list[dict[str, Any]] = Field(default_factory=list)
+    """The conversation: ``{"turn", "role", "text", "at_us"}`` per line, in order."""
 
 
 _TABLE: dict[int, type[Frame]] = {}

@@ -16,6 +16,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from services.post_call.config import PostCallConfig
+
 SHIPPED_DIR = Path(__file__).parent / "agents"
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -92,6 +94,9 @@ class AgentConfig(_Strict):
     llm: LlmSettings = LlmSettings()
     turn: TurnSettings = TurnSettings()
     flow: FlowRef | None = None
+    post_call: PostCallConfig | None = None
+    """Fields to extract from the ended conversation and where to deliver them (the
+    post-call stage, services/post_call/)."""
     source: Path | None = Field(default=None, exclude=True)
 
     def llm_request_settings(self) -> dict[str, Any]:

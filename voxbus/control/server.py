@@ -8,6 +8,7 @@ other client would send them: the control plane holds no privilege the bus does 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -48,10 +49,18 @@ class ControlServicer(rpc.ControlServicer):
 
     async def GetSession(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         view = self.state.sessions.get(request.session) or self.state.ended.get(request.session)
-        if view is None:
+        post_call = await self.control.post_call_result(request.session)
+        if view is None and post_call is None:
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"no session {request.session!r} (live or recently ended)")
-        return self.state.detail_pb(view)
+        if view is None:  # ended before this control replica knew it: its result only
+            detail = pb.SessionDetail(session=pb.Session(id=request.session, state="ended",
+                                                         agent=post_call.agent))
+        else:
+            detail = self.state.detail_pb(view)
+        if post_call is not None:
+            detail.post_call.CopyFrom(post_call_pb(post_call))
+        return detail
 
     async def EndSession(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         session = request.session
@@ -121,6 +130,15 @@ class ControlServicer(rpc.ControlServicer):
                 yield await queue.get()
         finally:
             self.state.watchers.close(queue)
+
+
+def post_call_pb(record: Any) -> Any:
+    """A ``PostCallRecord`` (voxbus/post_call_results.py) as the proto's ``PostCall``."""
+    return pb.PostCall(
+        status=record.status, error=record.error or "", target=record.target,
+        fields_json=json.dumps(record.fields, ensure_ascii=False) if record.fields is not None
+        else "", attempts=record.attempts, last_failure=record.last_failure,
+        updated_unix_ms=record.updated_us // 1000)
 
 
 def _tls(cert: str, key: str) -> grpc.ServerCredentials:

@@ -18,6 +18,7 @@ from voxbus.config import setting_error
 from voxbus.control.auth import read_control_file
 from voxbus.control.server import ControlServer
 from voxbus.control.state import ControlState
+from voxbus.post_call_results import PostCallRecord, ResultStore
 from voxbus.runner import Service
 from voxbus.subjects import Event, Stage, Subjects
 from voxbus.wire import ErrorEvent, Frame, Heartbeat, Metric, TurnEvent
@@ -44,6 +45,7 @@ class ControlService(Service):
         self.store = None
         self.grpc: ControlServer | None = None
         self.address = ""
+        self.post_call: ResultStore | None = None
 
     async def on_start(self) -> None:
         # Imported here: the orchestrator's store is the one reader of the bucket's format.
@@ -66,6 +68,18 @@ class ControlService(Service):
                                              tls_key=st.control_tls_key)
         log.info("%s: control plane on %s (%s)", self.worker_id, self.address,
                  "TLS" if st.control_tls_cert else "plaintext")
+
+    async def post_call_result(self, session: str) -> PostCallRecord | None:
+        """The session's post-call record, read when asked (the bucket appears once a
+        post-call stage has run)."""
+        try:
+            if self.post_call is None:
+                self.post_call = await ResultStore(self.bus.nc.jetstream(),
+                                                   self.settings.prefix).open()
+            return await self.post_call.get(session) if self.post_call else None
+        except Exception as e:  # GetSession still answers with what the bus told us
+            log.warning("%s: post-call result of %s not read: %s", self.worker_id, session, e)
+            return None
 
     async def _on_heartbeat(self, frame: Frame, _msg: Msg) -> None:
         assert isinstance(frame, Heartbeat)
