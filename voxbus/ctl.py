@@ -177,6 +177,11 @@ def session_lines(d: Any) -> list[str]:
         lines.append("  (no turns yet)")
     for e in d.errors:
         lines.append(f"  error {_clock(e.at_unix_ms)} {e.service}: {e.code}: {e.message}")
+    if d.HasField("post_call"):
+        p = d.post_call
+        lines.append(f"  post-call {p.status} ({p.target or '-'}, {p.attempts} attempts): "
+                     + (p.fields_json or f"error: {p.error}")
+                     + (f"; last failure: {p.last_failure}" if p.last_failure else ""))
     return lines
 
 

@@ -10,8 +10,8 @@ import uuid
 
 from prometheus_client import REGISTRY
 
-from services.post_call.stage import PostCallStage
 from services.post_call.signature import verify
+from services.post_call.stage import PostCallStage
 from tests.post_call.conftest import FIELDS, SECRET, played_session, until
 from voxbus.post_call_results import ResultStore
 from voxbus.subjects import Event

@@ -178,16 +178,20 @@ def test_secrets_stay_out_of_reprs(monkeypatch):
 def test_permissions_come_from_the_subjects_module():
     """Every role's allow lists name only this prefix's subjects, the role's own inboxes, and
     JetStream's API for this prefix's own stream and bucket."""
-    stream, bucket = S.recording_stream(), S.sessions_bucket()
+    stream, bucket, results = S.recording_stream(), S.sessions_bucket(), S.post_call_bucket()
     for role in ROLES:
         perms = permissions(role, PREFIX)
         assert [x for x in perms["subscribe"]["allow"] if x.startswith("_INBOX")] == [
             f"_INBOX.{role}.>"], role
         assert not [x for x in perms["publish"]["allow"] if x.startswith("_INBOX")], role
         for subject in perms["publish"]["allow"] + perms["subscribe"]["allow"]:
-            assert subject.startswith((PREFIX + ".", f"_INBOX.{role}.", f"$KV.{bucket}.")) or (
+            assert subject.startswith((PREFIX + ".", f"_INBOX.{role}.", f"$KV.{bucket}.",
+                                       f"$KV.{results}.")) or (
+                # the post-call stage acks its own durable consumer's messages, nothing else
+                role == "post_call" and subject == f"$JS.ACK.{stream}.{S.post_call_consumer()}.>"
+            ) or (
                 subject.startswith(("$JS.API.", "$JS.FC."))
-                and (stream in subject or f"KV_{bucket}" in subject
+                and (stream in subject or f"KV_{bucket}" in subject or f"KV_{results}" in subject
                      or subject in ("$JS.API.INFO", "$JS.API.STREAM.NAMES",
                                     "$JS.API.STREAM.LIST"))), (role, subject)
     with pytest.raises(ValueError):
@@ -241,6 +245,16 @@ PUBLISH = [  # (role, subject, allowed)
     ("client", S.audio_in(SESSION), True),
     ("client", S.work(Stage.ORCHESTRATOR), True),
     ("stt", f"other.sess.{SESSION}.audio.out", False),  # another deployment's prefix
+    ("post_call", S.audio_out(SESSION), False),
+    ("post_call", S.event(SESSION, Event.TRANSCRIPT), False),
+    ("post_call", S.work(Stage.TTS), False),
+    ("post_call", S.reply(SESSION, Stage.LLM, 1), False),
+    ("post_call", S.work(Stage.LLM), True),
+    ("post_call", S.post_call_delivery("crm"), True),
+    ("post_call", S.heartbeat(Stage.POST_CALL), True),
+    ("post_call", S.event(SESSION, Event.ERROR), True),
+    ("llm", S.post_call_delivery("crm"), False),
+    ("client", S.post_call_delivery("crm"), False),
 ]
 
 SUBSCRIBE = [  # (role, subject, allowed)
@@ -262,6 +276,11 @@ SUBSCRIBE = [  # (role, subject, allowed)
     ("client", S.audio_out(SESSION), True),
     ("orchestrator", S.audio_out(SESSION), False),
     ("orchestrator", S.audio_in(SESSION), True),
+    ("post_call", S.audio_in(SESSION), False),
+    ("post_call", S.events(SESSION), False),
+    ("post_call", S.replies(SESSION, Stage.LLM), True),
+    ("client", S.post_call_delivery("crm"), True),
+    ("stt", S.post_call_delivery("crm"), False),
 ]
 
 
@@ -373,7 +392,7 @@ async def test_only_the_orchestrator_writes_the_sessions_bucket(secured):
     admin = await connect(secured, "admin")
     try:
         kv = await admin.nc.jetstream().create_key_value(bucket=S.sessions_bucket())
-        for role in ("stt", "gateway", "client", "control"):
+        for role in ("stt", "gateway", "client", "control", "post_call"):
             bus = await connect(secured, role)
             await bus.nc.publish(f"$KV.{S.sessions_bucket()}.{role}", b"forged")
             await bus.nc.flush()
