@@ -29,15 +29,17 @@ import secrets
 import string
 import sys
 
-ROLES = ("stt", "llm", "tts", "orchestrator", "gateway", "control", "client", "admin")
+ROLES = ("stt", "llm", "tts", "orchestrator", "gateway", "control", "post_call", "client",
+         "admin")
 """One NATS user each. ``client``: ``voxbus talk`` and other session clients; ``admin``: one-shot
 set-up jobs and operators' ``voxbus record``/``sessions``/``replay``."""
 
 CLUSTER_PASSWORD = "NATS_CLUSTER_PASSWORD"
 """The password NATS nodes use for their routes to each other."""
 
-OTHER_SECRETS = ("VOXBUS_GATEWAY_SECRET", "VOXBUS_CONTROL_TOKEN")
-"""Not NATS's, but generated with the rest: the gateways' token key and the control token."""
+OTHER_SECRETS = ("VOXBUS_GATEWAY_SECRET", "VOXBUS_CONTROL_TOKEN", "VOXBUS_POST_CALL_SECRET")
+"""Not NATS's, but generated with the rest: the gateways' token key, the control token and the
+key post-call webhooks are signed with (give it to the webhook's receiver too)."""
 
 
 _ALPHABET = string.ascii_letters + string.digits

@@ -118,6 +118,11 @@ def k8s_docs() -> list[dict]:
     return docs
 
 
+def k8s_name(stage: Stage) -> str:
+    """A stage's Deployment name: its value, with ``-`` for ``_`` (no ``_`` in k8s names)."""
+    return stage.value.replace("_", "-")
+
+
 def k8s_find(kind: str, name: str) -> dict:
     found = [d for d in k8s_docs() if d["kind"] == kind and d["metadata"]["name"] == name]
     assert len(found) == 1, f"k8s: expected one {kind} {name!r}, found {len(found)}"
@@ -461,7 +466,7 @@ def test_k8s_deployment_hpa_and_pdb_per_stage():
     config = k8s_configmap_env()
     grace = float(config["VOXBUS_DRAIN_GRACE_S"])
     for stage in Stage:
-        dep = k8s_find("Deployment", stage.value)
+        dep = k8s_find("Deployment", k8s_name(stage))
         pod = dep["spec"]["template"]["spec"]
         (c,) = pod["containers"]
         assert c["args"] == [stage.value] and c["image"] == "voxbus"
@@ -493,7 +498,7 @@ def test_k8s_deployment_hpa_and_pdb_per_stage():
 
 def test_k8s_ports_credentials_and_probes_match_the_settings():
     for stage in Stage:
-        dep = k8s_find("Deployment", stage.value)
+        dep = k8s_find("Deployment", k8s_name(stage))
         template = dep["spec"]["template"]
         (c,) = template["spec"]["containers"]
         env = container_env(c)
