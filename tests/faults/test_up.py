@@ -170,7 +170,8 @@ async def test_killed_children_are_restarted_and_a_turn_still_gets_a_reply(
     up = run_up("--nats-port", str(nats_port), env=up_env)
     nats_url = up.ready()
     assert nats_url == f"nats://127.0.0.1:{nats_port}"
-    up.expect(r"^NATS users stt, llm, tts, orchestrator, gateway, control, client, admin with "
+    up.expect(r"^NATS users stt, llm, tts, orchestrator, gateway, control, post_call, client, "
+              r"admin with "
               r"per-service permissions .*; the CLI's in " + re.escape(
                   up_env["VOXBUS_CONTROL_FILE"]) + "$", 1)
     with pytest.raises(NatsRefused):
@@ -191,7 +192,7 @@ async def test_killed_children_are_restarted_and_a_turn_still_gets_a_reply(
         env=up_env, capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0 and "ended: done" in listed.stdout, listed
 
-    for child in ("stt-1", "nats-server", "llm-server"):
+    for child in ("stt-1", "post_call-1", "nats-server", "llm-server"):
         pid = up.pid(child)
         mark = len(up.lines)
         os.kill(pid, signal.SIGKILL)
@@ -203,6 +204,8 @@ async def test_killed_children_are_restarted_and_a_turn_still_gets_a_reply(
         assert len(deaths) == 1, up.tail()
         if child == "stt-1":
             up.expect(r"^\[stt-1\] stt-1-\S+ ready$", READY_S, after=mark)
+        elif child == "post_call-1":
+            up.expect(r"^\[post_call-1\] post_call-1-\S+ ready$", READY_S, after=mark)
         elif child == "llm-server":
             up.expect(r'^\[llm-server\] .*"GET /v1/models HTTP/1.1" 200', 120, after=mark)
         else:  # the stages find the new server on the same port
