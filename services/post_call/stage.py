@@ -85,10 +85,9 @@ class PostCallStage(Service):
         said = False
         while True:
             try:
-                try:
-                    await self.js.consumer_info(stream, name)
-                except NotFoundError:
-                    await self.js.add_consumer(stream, self.consumer_config())
+                # Create, or bring an existing one's retries up to this replica's settings.
+                info = await self.js.add_consumer(stream, self.consumer_config())
+                self.max_deliver = info.config.max_deliver or self.max_deliver
                 return await self.js.pull_subscribe_bind(durable=name, stream=stream)
             except NotFoundError:
                 if not said:
@@ -99,9 +98,12 @@ class PostCallStage(Service):
                     log.warning("%s: %s", self.worker_id, message)
                     await self.bus.report("no_recording", message, retryable=True)
                 await asyncio.sleep(RETRY_BIND_S)
-            except BadRequestError as e:  # another replica made it at the same moment
-                log.info("%s: consumer %s: %s; binding", self.worker_id, name, e)
-                await asyncio.sleep(0.1)
+            except BadRequestError as e:  # made otherwise (an older config): use it as it is
+                log.warning("%s: consumer %s not updated (%s); using it as it is",
+                            self.worker_id, name, e)
+                info = await self.js.consumer_info(stream, name)
+                self.max_deliver = info.config.max_deliver or self.max_deliver
+                return await self.js.pull_subscribe_bind(durable=name, stream=stream)
 
     async def _consume(self, n: int) -> None:
         """Fetch and work one session end at a time until drained; a broken subscription (the

@@ -175,3 +175,41 @@ async def _drained(stage: PostCallStage):
     info = await stage.js.consumer_info(stage.subjects.recording_stream(),
                                         stage.subjects.post_call_consumer())
     return info if info.num_pending == 0 and info.num_ack_pending == 0 else None
+
+
+async def test_get_session_shows_a_result_the_control_plane_never_saw_live(
+        pc_settings, recorder, llm, receiver, bus):
+    """A control replica started after the session ended (and after its result was delivered)
+    still answers GetSession for it, from the results bucket; a session nobody knows is
+    NOT_FOUND."""
+    from dataclasses import replace
+
+    import grpc
+    import pytest
+
+    from voxbus.control.auth import bearer
+    from voxbus.control.protos import pb, rpc
+    from voxbus.control.service import ControlService
+
+    session = sid()
+    async with PostCallStage(pc_settings):
+        await played_session(bus, session, "booking")
+        await until(lambda: receiver.delivered, 15, "the delivery")
+    token = "control-token-" + "c" * 24
+    control = await ControlService(replace(pc_settings, worker_id="ctl", control_token=token,
+                                           control_address="127.0.0.1:0")).start()
+    try:
+        async with grpc.aio.insecure_channel(control.address) as channel:
+            stub = rpc.ControlStub(channel)
+            detail = await stub.GetSession(pb.GetSessionRequest(session=session),
+                                           metadata=bearer(token))
+            with pytest.raises(grpc.aio.AioRpcError) as missing:
+                await stub.GetSession(pb.GetSessionRequest(session=sid()),
+                                      metadata=bearer(token))
+    finally:
+        await control.stop()
+    assert (detail.session.id, detail.session.state, detail.session.agent) == (
+        session, "ended", "booking")
+    assert detail.post_call.status == "delivered" and detail.post_call.attempts == 1
+    assert json.loads(detail.post_call.fields_json) == FIELDS
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
