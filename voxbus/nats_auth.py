@@ -137,6 +137,7 @@ def permissions(role: str, prefix: str = "vox") -> dict[str, Any]:
         replica(Stage.GATEWAY)
         sends_work(Stage.ORCHESTRATOR)
         sub += [_every(s.audio_out(any_)), _every(s.events(any_)),
+                _every(s.ctl(any_)),  # SessionEnd: the agent or an operator hung up
                 s.heartbeat(Stage.ORCHESTRATOR)]  # placement: the least-loaded orchestrator
         pub += [_every(s.audio_in(any_)), _every(s.ctl(any_))]
     elif role == "control":

@@ -19,6 +19,7 @@ from pathlib import Path
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCIceServer
 
+from services.media_gateway.bus_session import BusSession
 from services.media_gateway.peer import PeerSession
 from services.media_gateway.tokens import TokenAuthority, TokenError, generate_secret
 from voxbus.errors import VoxbusError
@@ -41,7 +42,8 @@ class GatewayWorker(Service):
         super().__init__(settings)
         secret = self.settings.gateway_secret or generate_secret()
         self.tokens = TokenAuthority(secret, ttl_s=self.settings.token_ttl_s)
-        self.peers: dict[str, PeerSession] = {}
+        self.peers: dict[str, BusSession] = {}
+        """Every session this replica carries: browsers' and phone calls'."""
         self.http_port: int | None = None
         self._site_runner: web.AppRunner | None = None
         self.liveness: Liveness | None = None
@@ -54,7 +56,7 @@ class GatewayWorker(Service):
         urls = [u.strip() for u in self.settings.ice_servers.split(",") if u.strip()]
         return RTCConfiguration(iceServers=[RTCIceServer(urls=u) for u in urls])
 
-    def forget(self, peer: PeerSession) -> None:
+    def forget(self, peer: BusSession) -> None:
         if self.peers.get(peer.session) is peer:
             del self.peers[peer.session]
 
