@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 from voxbus.bus import now_us
 from voxbus.subjects import Subjects
 
-Status = Literal["extracted", "delivered", "failed"]
+Status = Literal["extracting", "extracted", "delivered", "failed"]
 FINISHED = ("delivered", "failed")
 
 
@@ -24,7 +24,11 @@ class PostCallRecord(BaseModel):
     session: str
     agent: str
     status: Status
-    """``extracted``: fields (or an extraction error) stored, not yet delivered."""
+    """``extracting``: a replica claimed the work; ``extracted``: fields (or an extraction
+    error) stored, not yet delivered."""
+    end_seq: int = 0
+    """The recording stream sequence of the ``SessionEnd`` whose work this is: a second end
+    of the same session finds another's claim here and leaves the work to it."""
     fields: dict[str, Any] | None = None
     error: str | None = None
     """Why ``fields`` is empty (the extraction's own failure); still delivered."""
@@ -73,6 +77,18 @@ class ResultStore:
         record = record.model_copy(update={"updated_us": now_us()})
         await self.kv.put(record.session, record.model_dump_json().encode())
 
+    async def claim(self, record: PostCallRecord) -> bool:
+        """Store ``record`` only if the session has none yet (compare-and-set): False when
+        another replica got there first."""
+        from nats.js.errors import KeyWrongLastSequenceError
+
+        record = record.model_copy(update={"updated_us": now_us()})
+        try:
+            await self.kv.create(record.session, record.model_dump_json().encode())
+        except KeyWrongLastSequenceError:
+            return False
+        return True
+
     async def all(self) -> dict[str, PostCallRecord]:
         """Every stored result (``voxbus sessions``)."""
         out: dict[str, PostCallRecord] = {}
@@ -100,6 +116,8 @@ def describe_result(record: PostCallRecord) -> str:
         return f"failed after {record.attempts} attempts: {record.last_failure}"
     what = (json.dumps(record.fields, ensure_ascii=False) if record.fields is not None
             else f"error: {record.error}")
+    if record.status == "extracting":
+        return f"extracting ({record.attempts} attempts so far)"
     if record.status == "extracted":
         return f"pending delivery ({record.attempts} attempts) {what}"
     return f"delivered to {record.target} {what}"

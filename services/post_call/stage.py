@@ -38,6 +38,8 @@ ACK_WAIT_S = 30.0
 """A replica that dies mid-session has its session end redelivered after this long; a live
 one says it is still working every ``PROGRESS_S``."""
 PROGRESS_S = 10.0
+REPLAY_END = "replay done"
+"""The ``SessionEnd`` reason of a session ``voxbus replay`` fed (voxbus/replay.py)."""
 RETRY_BIND_S = 2.0
 """Pause before looking again for a recording stream that is not there yet."""
 
@@ -160,9 +162,18 @@ class PostCallStage(Service):
                 await msg.in_progress()
 
     async def _session(self, msg, session: str, end: SessionEnd) -> None:
+        meta = msg.metadata
+        seq = meta.sequence.stream
         record = await self.results.get(session)
-        if record is not None and record.status in FINISHED:
-            await msg.ack()  # a second SessionEnd of the same session
+        if record is not None and (record.status in FINISHED or record.end_seq != seq):
+            # A second SessionEnd of the same session (the agent hung up, then an operator):
+            # the first one's work is done, or is owned by its own unacked delivery.
+            await msg.ack()
+            return
+        if end.reason == REPLAY_END:
+            # A recorded call replayed into the live system must not post to a real CRM.
+            SESSIONS.labels("skipped").inc()
+            await msg.ack()
             return
         agent = await self._agent(session)
         if agent is None or agent.post_call is None:
@@ -170,19 +181,22 @@ class PostCallStage(Service):
             await msg.ack()
             return
         config = agent.post_call
-        meta = msg.metadata
         ended_us = us_of(meta.timestamp)
-        lines = await read_transcript(self.js, self.subjects, session,
-                                      until_seq=meta.sequence.stream)
-        if record is None or record.status != "extracted":
+        if record is None:
+            record = PostCallRecord(session=session, agent=agent.name, status="extracting",
+                                    end_seq=seq, target=config.deliver.describe(),
+                                    ended_reason=end.reason, ended_at_us=ended_us)
+            if not await self.results.claim(record):
+                await msg.ack()  # another replica took this session a moment ago
+                return
+        lines = await read_transcript(self.js, self.subjects, session, until_seq=seq)
+        if record.status != "extracted":
             st = self.settings
             done = await extract(self.bus, session, config, lines, policy=CallPolicy(
                 first_frame_s=st.post_call_llm_s, give_up_s=st.post_call_llm_s * 2,
                 stall_s=max(st.stage_stall_s, 10.0)))
-            record = PostCallRecord(session=session, agent=agent.name, status="extracted",
-                                    fields=done.fields, error=done.error,
-                                    target=config.deliver.describe(),
-                                    ended_reason=end.reason, ended_at_us=ended_us)
+            record = record.model_copy(update={"status": "extracted", "fields": done.fields,
+                                               "error": done.error})
             await self.results.put(record)
         record = record.model_copy(update={"attempts": meta.num_delivered})
         result = PostCallResult(
@@ -233,7 +247,10 @@ class PostCallStage(Service):
         the last delivery JetStream allows."""
         delivered = msg.metadata.num_delivered
         last = delivered >= self.max_deliver
-        if record is None and last:  # nothing extracted: the record still says it failed
+        if record is None:  # failed before it had one in hand: the claim, if it got that far
+            with contextlib.suppress(Exception):
+                record = await self.results.get(session)
+        if record is None and last:  # nothing stored at all: the record still says it failed
             record = PostCallRecord(session=session, agent="", status="failed")
         if record is not None:
             record = record.model_copy(update={"attempts": delivered, "last_failure": why,

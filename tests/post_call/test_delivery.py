@@ -213,3 +213,28 @@ async def test_get_session_shows_a_result_the_control_plane_never_saw_live(
     assert detail.post_call.status == "delivered" and detail.post_call.attempts == 1
     assert json.loads(detail.post_call.fields_json) == FIELDS
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_two_ends_at_once_make_one_result_and_replays_make_none(
+        pc_settings, recorder, llm, receiver, script, bus):
+    """Two ``SessionEnd``s of one session waiting together (two replicas' worth of fetchers
+    take one each): one claims the session, the other leaves it. A session ``voxbus replay``
+    fed into the live system ends with "replay done": no post to a real receiver."""
+    from voxbus.wire import SessionEnd
+
+    session, replayed = sid(), sid()
+    await played_session(bus, session, "booking")
+    await bus.publish(bus.subjects.ctl(session), SessionEnd(session=session,
+                                                            reason="ended by operator"))
+    await played_session(bus, replayed, "booking", reason="replay done")
+    async with PostCallStage(pc_settings) as stage:
+        assert stage.declared_capacity == 2
+        await until(lambda: _drained(stage), 15, "every session end acked")
+    assert len(receiver.requests) == 1 and len(script.seen) == 1
+    assert receiver.requests[0]["body"]["session"] == session
+    record = await record_of(recorder, pc_settings, session)
+    # Which of the two claims first is a race: the result names that end's reason.
+    assert record.status == "delivered"
+    assert record.ended_reason in ("hangup", "ended by operator")
+    assert receiver.requests[0]["body"]["ended_reason"] == record.ended_reason
+    assert await record_of(recorder, pc_settings, replayed) is None
