@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError
 from pydantic import BaseModel, Field
 
 from voxbus.bus import now_us
@@ -94,7 +94,7 @@ class ResultStore:
         out: dict[str, PostCallRecord] = {}
         try:
             keys = await self.kv.keys()
-        except Exception:  # nats-py raises NoKeysError for an empty bucket
+        except NoKeysError:  # nats-py's answer for an empty bucket
             return out
         for key in keys:
             if (record := await self.get(key)) is not None:
