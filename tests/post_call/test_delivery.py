@@ -178,7 +178,7 @@ async def _drained(stage: PostCallStage):
 
 
 async def test_get_session_shows_a_result_the_control_plane_never_saw_live(
-        pc_settings, recorder, llm, receiver, bus):
+        pc_settings, recorder, llm, receiver, bus, tmp_path):
     """A control replica started after the session ended (and after its result was delivered)
     still answers GetSession for it, from the results bucket; a session nobody knows is
     NOT_FOUND."""
@@ -187,6 +187,7 @@ async def test_get_session_shows_a_result_the_control_plane_never_saw_live(
     import grpc
     import pytest
 
+    from tests.control.conftest import ctl, ctl_env
     from voxbus.control.auth import bearer
     from voxbus.control.protos import pb, rpc
     from voxbus.control.service import ControlService
@@ -206,6 +207,8 @@ async def test_get_session_shows_a_result_the_control_plane_never_saw_live(
             with pytest.raises(grpc.aio.AioRpcError) as missing:
                 await stub.GetSession(pb.GetSessionRequest(session=sid()),
                                       metadata=bearer(token))
+        shown = await ctl(control.address, "session", session, token=token,
+                          env=ctl_env(tmp_path))
     finally:
         await control.stop()
     assert (detail.session.id, detail.session.state, detail.session.agent) == (
@@ -213,6 +216,9 @@ async def test_get_session_shows_a_result_the_control_plane_never_saw_live(
     assert detail.post_call.status == "delivered" and detail.post_call.attempts == 1
     assert json.loads(detail.post_call.fields_json) == FIELDS
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    assert shown.rc == 0, shown.err
+    assert (f"  post-call delivered (webhook {receiver.url}, 1 attempts): "
+            + json.dumps(FIELDS)) in shown.out.splitlines(), shown.out
 
 
 async def test_two_ends_at_once_make_one_result_and_replays_make_none(
