@@ -85,7 +85,7 @@ class PostCallStage(Service):
         stream = self.subjects.recording_stream()
         name = self.subjects.post_call_consumer()
         said = False
-        while True:
+        while not self.draining:
             try:
                 # Create, or bring an existing one's retries up to this replica's settings.
                 info = await self.js.add_consumer(stream, self.consumer_config())
@@ -106,12 +106,15 @@ class PostCallStage(Service):
                 info = await self.js.consumer_info(stream, name)
                 self.max_deliver = info.config.max_deliver or self.max_deliver
                 return await self.js.pull_subscribe_bind(durable=name, stream=stream)
+        return None  # drained while waiting
 
     async def _consume(self, n: int) -> None:
         """Fetch and work one session end at a time until drained; a broken subscription (the
         connection lost, the stream recreated) is bound again."""
         while not self.draining:
             sub = await self._subscription()
+            if sub is None:
+                return
             try:
                 while not self.draining:
                     try:

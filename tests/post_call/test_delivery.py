@@ -244,3 +244,26 @@ async def test_two_ends_at_once_make_one_result_and_replays_make_none(
     assert record.ended_reason in ("hangup", "ended by operator")
     assert receiver.requests[0]["body"]["ended_reason"] == record.ended_reason
     assert await record_of(recorder, pc_settings, replayed) is None
+
+
+async def test_without_a_recording_stream_it_says_so_waits_and_stops_at_once(pc_settings,
+                                                                            bus):
+    """No recording on this prefix: an ErrorEvent on <p>.err says what post-call work needs,
+    the replica keeps waiting for the stream, and a stop does not wait out the drain grace."""
+    import time
+
+    seen: list[ErrorEvent] = []
+
+    async def on(msg):
+        seen.append(decode(msg.data))
+
+    await bus.nc.subscribe(bus.subjects.errors(), cb=on)
+    await bus.sync()
+    stage = await PostCallStage(pc_settings).start()
+    try:
+        await until(lambda: seen, 10, "the no_recording ErrorEvent")
+    finally:
+        started = time.monotonic()
+        await stage.stop()
+    assert time.monotonic() - started < 5
+    assert seen[0].code == "no_recording" and "VOXBUS_RECORD=1" in seen[0].message
