@@ -233,6 +233,14 @@ def _ice_servers() -> str:
     return raw
 
 
+def _phone_public_url() -> str:
+    raw = os.environ.get("VOXBUS_PHONE_PUBLIC_URL", "").strip()
+    if raw and not re.match(r"^https?://[^/?#\s]+/?$", raw):
+        raise _fail(f"VOXBUS_PHONE_PUBLIC_URL={raw!r} is not a base URL: expected "
+                    "https://HOST[:PORT] (the tunnel's address), no path")
+    return raw.rstrip("/")
+
+
 def _secret_value(name: str) -> str:
     """A password or token: taken as given (not stripped: spaces may be part of it), never
     echoed in an error."""
@@ -435,6 +443,15 @@ class Settings:
     """Comma-separated STUN/TURN URLs; empty = host candidates only (same machine or LAN)."""
 
     # Orchestrator
+    phone_public_url: str = field(default_factory=_phone_public_url)
+    """The gateway's public base URL (``https://...``) as phone providers reach it (a tunnel);
+    the call webhook's answer points the stream at its ``wss://`` twin, and Twilio's signature
+    is checked against it. Empty: taken from the request (``X-Forwarded-Proto``/``-Host``)."""
+    twilio_auth_token: str = field(
+        default_factory=lambda: _secret_value("VOXBUS_TWILIO_AUTH_TOKEN"), repr=False)
+    """Twilio's auth token: set, the Twilio webhook answers only signed requests."""
+    phone_agent: str = field(default_factory=lambda: _env("VOXBUS_PHONE_AGENT", "chat"))
+    """The agent a call gets when its webhook URL names none (``?agent=NAME``)."""
     agents_dir: str = field(default_factory=lambda: _env("VOXBUS_AGENTS_DIR", ""))
     """Extra agent folders (colon-separated), searched before the shipped agents."""
     vad_stop_s: float = field(default_factory=lambda: _seconds("VOXBUS_VAD_STOP_S", 0.2))

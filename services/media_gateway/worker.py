@@ -4,6 +4,7 @@ HTTP API (JSON):
     GET  /                 the page (static files under ``web/``, no build step)
     POST /api/token        {"agent"?} → {"token", "session", "expires_in"}   (VOXBUS_OPEN_TOKENS)
     POST /api/offer        {"sdp", "type": "offer", "token"} → {"sdp", "type": "answer", "session"}
+    /phone/...             phone calls over providers' WebSocket media streams (phone_http.py)
 Errors are ``{"error": "..."}`` with 400 (bad offer), 401 (token), 403, 405, 409, 413 (body over
 256 KB), 415 (a body that is not ``application/json``), 503 (no orchestrator); never a page.
 Signaling is non-trickle: the page waits for ICE gathering before it posts the offer.
@@ -21,6 +22,7 @@ from aiortc import RTCConfiguration, RTCIceServer
 
 from services.media_gateway.bus_session import BusSession
 from services.media_gateway.peer import PeerSession
+from services.media_gateway.phone_http import add_phone_routes
 from services.media_gateway.tokens import TokenAuthority, TokenError, generate_secret
 from voxbus.errors import VoxbusError
 from voxbus.liveness import Liveness
@@ -75,12 +77,14 @@ class GatewayWorker(Service):
         app.router.add_static("/static/", WEB_DIR, show_index=False)
         app.router.add_post("/api/token", self._token)
         app.router.add_post("/api/offer", self._offer)
+        add_phone_routes(app, self)
         self._site_runner = web.AppRunner(app, access_log=None)
         await self._site_runner.setup()
         site = web.TCPSite(self._site_runner, self.settings.http_host, self.settings.http_port)
         await site.start()
         self.http_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        log.info("%s serving %s", self.worker_id, self.url)
+        log.info("%s serving %s (phone calls: %sphone/twilio/answer, see README)",
+                 self.worker_id, self.url, self.url)
 
     async def on_drain(self) -> None:
         for peer in list(self.peers.values()):
