@@ -74,6 +74,8 @@ class BusSession:
         self.state = "connecting"
         self.closed = asyncio.Event()
         self.end_reason: str | None = None
+        self.ended_on_bus = False
+        """The session was ended by the agent or an operator, not by this transport."""
         self.frames_in = 0
         self.last_audio_at: float | None = None
         self.turn = 0
@@ -184,6 +186,7 @@ class BusSession:
             return
         self.closed.set()
         self.end_reason = reason
+        self.ended_on_bus = not announce
         log.info("session %s ends: %s", self.session, reason)
         if self._listen_timer:
             self._listen_timer.cancel()

@@ -275,7 +275,7 @@ class PhoneCall(BusSession):
     async def close_transport(self, reason: str) -> None:
         if self.ws.closed:
             return
-        if reason.startswith("ended on the bus"):
+        if self.ended_on_bus:
             await self._play_out()
         await self.ws.close(code=WSCloseCode.OK, message=b"session ended")
 

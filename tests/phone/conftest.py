@@ -24,7 +24,7 @@ name: hangup
 system_prompt: You answer the phone and hang up.
 flow:
   config: hangup.flow.yaml
-  handlers: services.orchestrator.agents.restaurant
+  handlers: services.orchestrator.agents.restaurant   # no functions here: any module serves
 """
 HANGUP_FLOW = """\
 initial_node: goodbye

@@ -89,10 +89,16 @@ class ProviderCall:
             if r.status != 200:
                 raise AssertionError(f"answer: {r.status} {body}")
             assert r.content_type == "application/xml", r.content_type
-        stream = ET.fromstring(body).find("./Connect/Stream")
-        assert stream is not None, body
-        self.stream_url = stream.get("url")
-        self.parameters = {p.get("name"): p.get("value") for p in stream.findall("Parameter")}
+        root = ET.fromstring(body)
+        stream = root.find("./Connect/Stream")
+        if stream is not None:  # TwiML, TeXML
+            self.stream_url = stream.get("url")
+            self.parameters = {p.get("name"): p.get("value")
+                               for p in stream.findall("Parameter")}
+        else:  # Plivo: the URL is the element's text, and there are no parameters
+            stream = root.find("./Stream")
+            assert stream is not None and stream.get("bidirectional") == "true", body
+            self.stream_url = stream.text.strip()
         return body
 
     # --- the stream ---------------------------------------------------------------------
@@ -125,6 +131,12 @@ class ProviderCall:
                         "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": RATE,
                                         "channels": 1},
                         "customParameters": self.parameters}}
+        if self.provider == "plivo":
+            return {"event": "start", "sequenceNumber": int(self._next_seq()), "start": {
+                "callId": self.call_id, "streamId": self.stream_id, "accountId": "MA1",
+                "tracks": ["inbound"], "mediaFormat": {"encoding": "audio/x-mulaw",
+                                                       "sampleRate": RATE}},
+                "extra_headers": "{}"}
         return {"event": "start", "sequence_number": self._next_seq(), "stream_id":
                 self.stream_id, "start": {
                     "user_id": str(uuid.uuid4()), "call_control_id": self.call_id,
@@ -138,6 +150,9 @@ class ProviderCall:
         if self.provider == "twilio":
             return {"event": "media", "sequenceNumber": self._next_seq(), "media": media,
                     "streamSid": self.stream_id}
+        if self.provider == "plivo":
+            return {"event": "media", "sequenceNumber": int(self._next_seq()),
+                    "streamId": self.stream_id, "media": media}
         return {"event": "media", "sequence_number": self._next_seq(), "media": media,
                 "stream_id": self.stream_id}
 
@@ -146,6 +161,9 @@ class ProviderCall:
             return {"event": "stop", "sequenceNumber": self._next_seq(), "streamSid":
                     self.stream_id, "stop": {"accountSid": self.account_id,
                                              "callSid": self.call_id}}
+        if self.provider == "plivo":
+            return {"event": "stop", "sequenceNumber": int(self._next_seq()),
+                    "streamId": self.stream_id}
         return {"event": "stop", "sequence_number": self._next_seq(), "stream_id":
                 self.stream_id, "stop": {"user_id": "u", "call_control_id": self.call_id}}
 
@@ -202,7 +220,7 @@ class ProviderCall:
                 ulaw = base64.b64decode(message["media"]["payload"])
                 pcm = audioop.ulaw2lin(ulaw, 2)
                 self._played_until = max(self._played_until, now) + len(ulaw) / RATE
-            elif event == "clear":
+            elif event in ("clear", "clearAudio"):
                 self._played_until = now
                 for _, name in self._marks:  # Twilio returns pending marks on a clear
                     await self._echo_mark(name)
@@ -232,11 +250,15 @@ class ProviderCall:
     def events(self, name: str) -> list[Heard]:
         return [h for h in self.heard if h.event == name]
 
+    def media(self, since: float = 0.0) -> list[Heard]:
+        """The agent's audio messages (Plivo's are ``playAudio``)."""
+        return [h for h in self.heard if h.event in ("media", "playAudio") and h.at >= since]
+
     def audio_s(self, since: float = 0.0) -> float:
-        return sum(len(h.pcm) / 2 / RATE for h in self.events("media") if h.at >= since)
+        return sum(len(h.pcm) / 2 / RATE for h in self.media(since))
 
     def audio(self, since: float = 0.0) -> bytes:
-        return b"".join(h.pcm for h in self.events("media") if h.at >= since)
+        return b"".join(h.pcm for h in self.media(since))
 
     async def wait_for(self, predicate, timeout: float, what: str):
         deadline = time.monotonic() + timeout
