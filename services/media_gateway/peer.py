@@ -9,6 +9,7 @@ ended on the bus (the agent's ``end_conversation``, an operator), or when the ga
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("voxbus.gateway")
 
+PLAY_OUT_MAX_S = 3.0
+"""At most this long for the agent's last words to play once the session ended on the bus."""
 MAX_TEXT = 4000
 """Characters of one text the page is sent (a TTS sentence's limit); longer ones are cut."""
 
@@ -160,6 +163,9 @@ class PeerSession(BusSession):
     # --- teardown ---------------------------------------------------------------------
 
     async def close_transport(self, reason: str) -> None:
+        if self.ended_on_bus and self.outbound.queued_s:
+            # The agent hung up: its last words, still in the jitter buffer, play first.
+            await asyncio.sleep(min(self.outbound.queued_s + 0.1, PLAY_OUT_MAX_S))
         self.outbound.stop()
         with contextlib.suppress(Exception):
             await self.pc.close()
