@@ -13,9 +13,11 @@ from dataclasses import replace
 
 import aiohttp
 import pytest
+from hypothesis import strategies as st
 
 from services.media_gateway.phone import CLOSE_PROTOCOL, CLOSE_UNAVAILABLE
 from services.media_gateway.worker import GatewayWorker
+from tests.faults.test_fuzz_frames import draw
 from tests.phone.provider_call import ProviderCall, ulaw_from_wav
 from tests.phone.test_twilio_call import BusWatch, final_text, released, started
 from voxbus.wire import ErrorEvent, SessionEnd
@@ -179,3 +181,62 @@ async def test_bad_messages_mid_call_are_reported_and_the_gateway_goes_on(gatewa
         await started(stages, other.parameters["session"])
     finally:
         await other.hang_up()
+
+
+# --- fuzzed: provider-shaped messages with random fields -------------------------------------
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=20),
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=10), c, max_size=4),
+    max_leaves=8)
+_events = st.sampled_from(["media", "start", "mark", "dtmf", "connected", "clear", "Media",
+                           "playAudio", "", "x" * 300]) | st.text(max_size=12)
+MESSAGES = st.one_of(
+    st.text(max_size=200),
+    _json.map(json.dumps),
+    st.fixed_dictionaries({"event": _events}, optional={
+        "media": st.fixed_dictionaries({}, optional={
+            "payload": st.text(max_size=80) | st.binary(max_size=60).map(
+                lambda b: base64.b64encode(b).decode()) | _json,
+            "track": _json | st.just("inbound")}) | _json,
+        "start": _json, "streamSid": _json, "mark": _json}).map(json.dumps),
+)
+
+
+async def test_fuzzed_first_messages_are_refused_and_the_gateway_goes_on(lone_gateway):
+    for message in draw(MESSAGES, 40):
+        # (A "connected" or "dtmf" is let pass: the garbage after it is what gets refused.)
+        call = await refused_stream(lone_gateway, [message, "{garbage"])
+        # Nothing random is a valid start: every one is refused with the protocol's code.
+        assert call.close_code == CLOSE_PROTOCOL, (message, call.close_code, call.close_reason)
+        assert call.close_reason
+    assert not lone_gateway.peers
+    call = ProviderCall(lone_gateway.url)  # ...and a proper call still gets as far as it can
+    await call.connect()
+    await call.wait_for(lambda c: c.close_code is not None, 30, "the gateway closing it")
+    assert call.close_code == CLOSE_UNAVAILABLE
+    await call.close()
+
+
+@pytest.mark.slow
+async def test_fuzzed_messages_mid_call_leave_the_call_working(gateway, stages, bus, speak):
+    call = ProviderCall(gateway.url)
+    try:
+        await call.answer()
+        session = call.parameters["session"]
+        watch = await BusWatch().watch(bus, session)
+        await call.connect()
+        await started(stages, session)
+        messages = [m for m in draw(MESSAGES, 60) if '"stop"' not in m][:15]  # < 20 bad ones
+        for message in messages:
+            await call.send(message)
+        spoke_at = time.monotonic()
+        call.say(ulaw_from_wav(speak("What is the capital of France?")))
+        await watch.wait(lambda w: "france" in final_text(w, spoke_at), 40, "the transcript")
+        assert session in gateway.sessions() and call.close_code is None
+        errors = watch.of(ErrorEvent)
+        assert errors and {e.code for e in errors} == {"bad_message"}, errors
+        await call.hang_up()
+        await released(gateway, stages, session)
+    finally:
+        await call.close()
