@@ -391,6 +391,8 @@ class Settings:
     stt_beam_size: int = field(default_factory=lambda: _int(
         "VOXBUS_STT_BEAM_SIZE", 1, minimum=1, what="a whole number, 1 (greedy) or more"))
     """Whisper's beam on the short-window pass (faster-whisper's own default is 5)."""
+    stt_early: bool = field(default_factory=lambda: _bool("VOXBUS_STT_EARLY", True))
+    """Transcribe at the user's first pause, before the VAD's stop (services/stt/early.py)."""
     stt_no_speech_prob: float = field(default_factory=lambda: _number(
         "VOXBUS_STT_NO_SPEECH", 0.6, minimum=0.0, maximum=1.0, what="a probability 0-1"))
     """A transcribed segment whose Whisper no-speech probability is at or above this is
@@ -441,8 +443,6 @@ class Settings:
     """20 ms packets the inbound jitter buffer holds before decoding (aiortc's own default: 4)."""
     ice_servers: str = field(default_factory=_ice_servers)
     """Comma-separated STUN/TURN URLs; empty = host candidates only (same machine or LAN)."""
-
-    # Orchestrator
     phone_public_url: str = field(default_factory=_phone_public_url)
     """The gateway's public base URL (``https://...``) as phone providers reach it (a tunnel);
     the call webhook's answer points the stream at its ``wss://`` twin, and Twilio's signature
@@ -452,9 +452,19 @@ class Settings:
     """Twilio's auth token: set, the Twilio webhook answers only signed requests."""
     phone_agent: str = field(default_factory=lambda: _env("VOXBUS_PHONE_AGENT", "chat"))
     """The agent a call gets when its webhook URL names none (``?agent=NAME``)."""
+
+    # Orchestrator
     agents_dir: str = field(default_factory=lambda: _env("VOXBUS_AGENTS_DIR", ""))
     """Extra agent folders (colon-separated), searched before the shipped agents."""
     vad_stop_s: float = field(default_factory=lambda: _seconds("VOXBUS_VAD_STOP_S", 0.2))
+    vad_start_s: float = field(default_factory=lambda: _seconds("VOXBUS_VAD_START_S", 0.1))
+    """Speech the VAD must hear before it says the user started (and the agent is cut off).
+    Pipecat's 0.2 s with its 0.6 volume floor took 380 ms p50 / 930 ms p95 from a
+    barge-in's first voiced frame; 0.1 s with a 0.4 floor, 180 / 190 (espeak-ng and Piper)."""
+    vad_min_volume: float = field(default_factory=lambda: _number(
+        "VOXBUS_VAD_MIN_VOLUME", 0.4, minimum=0.0, maximum=1.0, what="a volume from 0 to 1"))
+    """Pipecat's smoothed loudness floor for speech; it rises slowly, so a high one delays
+    every start by the time a voice takes to ramp up to it."""
     turn_stop_s: float = field(default_factory=lambda: _seconds("VOXBUS_TURN_STOP_S", 1.5))
     """Smart Turn's fallback: end the turn after this much silence even if judged incomplete."""
     turn_question_stop_s: float = field(

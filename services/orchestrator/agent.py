@@ -51,6 +51,9 @@ FALLBACK_LINE = "Sorry, I'm having trouble answering right now. Could you say th
 class TurnSettings(_Strict):
     vad_stop_s: float | None = Field(default=None, gt=0, le=2)
     """Silence before the VAD says the user stopped (transcription starts then)."""
+    vad_start_s: float | None = Field(default=None, gt=0, le=2)
+    """Speech before the VAD says the user started, which cuts the agent off: longer is
+    deafer to coughs and clicks, and slower to barge in."""
     turn_stop_s: float | None = Field(default=None, gt=0, le=10)
     """Smart Turn's fallback: end an incomplete-sounding turn after this much silence."""
     question_stop_s: float | None = Field(default=None, gt=0, le=10)

@@ -75,7 +75,9 @@ def conversation(*, context: LLMContext, turn: TurnSettings, settings: Settings,
         empty_user_turn=EmptyUserTurnConfig(interrupted_prompt=turn.false_interruption_prompt)))
     if isinstance(tts, TTSService) and settings.tts_first_clause:
         speak_first_clause(tts)
-    vad = SileroVADAnalyzer(params=VADParams(stop_secs=vad_stop_s))
+    vad = SileroVADAnalyzer(params=VADParams(
+        start_secs=turn.vad_start_s or settings.vad_start_s, stop_secs=vad_stop_s,
+        min_volume=settings.vad_min_volume))
     processors = [VADProcessor(vad_analyzer=vad), stt, aggregators.user(), llm, tts, output,
                   *(taps or []), aggregators.assistant()]
     return Conversation(processors, aggregators, stop)

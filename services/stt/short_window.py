@@ -10,6 +10,7 @@ of the encoder cost on the common path.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import threading
@@ -17,6 +18,8 @@ import threading
 import numpy as np
 from faster_whisper import WhisperModel
 from faster_whisper.transcribe import get_ctranslate2_storage
+
+log = logging.getLogger("voxbus.stt")
 
 MIN_FRAMES = 600  # 6 s of 10 ms mel frames (10 s: the same words, 167 vs 121 ms p50)
 PAD_FRAMES = 100  # 1 s of context after the last voiced frame
@@ -65,6 +68,7 @@ class ShortWindowWhisperModel(WhisperModel):
         segments, info = super().transcribe(audio, *args, **short)
         segments = list(segments)
         if looks_degenerate(" ".join(s.text for s in segments), audio_s):
+            log.debug("short window degenerate (%r); full window", segments and segments[0].text)
             self.retries += 1
             self._full_window.on = True
             try:

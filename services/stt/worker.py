@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 
 from nats.aio.msg import Msg
 from pipecat.frames.frames import (
@@ -57,16 +58,17 @@ class SessionStream:
         self.fed_seq = -1
         self.skip_until = -1
         """Live frames up to this seq were handed over in the claim's backlog already."""
-        self.pending = 0
-        """Segments the VAD closed whose transcript has not been published yet."""
+        self._segments: deque[tuple[int, float]] = deque()
+        """(stop seq, monotonic time of the stop) of each segment the VAD closed whose
+        transcript has not been published yet: Pipecat transcribes them in order, and each
+        transcript names its own segment's stop even when a later one has closed since."""
         self.speaking = False
         self._fed = asyncio.Condition()
-        self._stop_seq = 0
-        self._stopped_at: float | None = None
         self.last_audio = time.monotonic()
         tap = FrameTap((TranscriptionFrame, InterimTranscriptionFrame), self._on_transcript)
+        self.stt = make_stt_service(worker.settings)
         self.pipeline = HostedPipeline(
-            [make_stt_service(worker.settings), tap], name=f"stt-{session}", sample_rate=sample_rate
+            [self.stt, tap], name=f"stt-{session}", sample_rate=sample_rate
         )
         self._subs = []
 
@@ -107,9 +109,7 @@ class SessionStream:
         self.skip_until = self.fed_seq = claim.backlog_seq
         if not claim.backlog_speaking:
             self.speaking = False
-            self.pending += 1
-            self._stop_seq = claim.backlog_seq
-            self._stopped_at = time.monotonic()
+            self._segments.append((claim.backlog_seq, time.monotonic()))
             await self.pipeline.queue(VADUserStoppedSpeakingFrame())
         log.info("%s: took over %.1f s of untranscribed audio (up to seq %d)", self.session,
                  len(claim.backlog) / 2 / self.sample_rate, claim.backlog_seq)
@@ -117,7 +117,7 @@ class SessionStream:
     @property
     def busy(self) -> bool:
         """Mid-segment or transcribing: releasing now would cost the user's words."""
-        return self.speaking or self.pending > 0
+        return self.speaking or bool(self._segments)
 
     async def _on_audio(self, frame: Frame, _msg: Msg) -> None:
         if not isinstance(frame, AudioIn) or frame.seq <= self.skip_until:
@@ -149,9 +149,7 @@ class SessionStream:
             await self.pipeline.queue(VADUserStartedSpeakingFrame())
         else:
             self.speaking = False
-            self.pending += 1
-            self._stop_seq = frame.seq
-            self._stopped_at = time.monotonic()
+            self._segments.append((frame.seq, time.monotonic()))
             await self.pipeline.queue(VADUserStoppedSpeakingFrame())
 
     async def _on_ctl(self, frame: Frame, _msg: Msg) -> None:
@@ -166,18 +164,17 @@ class SessionStream:
 
     async def _on_transcript(self, frame: TranscriptionFrame | InterimTranscriptionFrame) -> None:
         final = isinstance(frame, TranscriptionFrame)
-        if final:
-            self.pending = max(0, self.pending - 1)
+        seq, stopped_at = (self._segments.popleft() if final and self._segments
+                           else (0, None))
         text = frame.text.strip()
         bus, subjects = self.worker.bus, self.worker.subjects
         await bus.publish(
             subjects.event(self.session, Event.TRANSCRIPT),
-            Transcript(text=text, final=final, seq=self._stop_seq if final else 0,
+            Transcript(text=text, final=final, seq=seq,
                        ts_us=now_us(), language=str(frame.language) if frame.language else None),
         )
-        if final and self._stopped_at is not None:
-            ttfs = time.monotonic() - self._stopped_at
-            self._stopped_at = None
+        if stopped_at is not None:
+            ttfs = time.monotonic() - stopped_at
             STT_TTFS.labels(Stage.STT.value).observe(ttfs)
             await bus.publish(subjects.event(self.session, Event.METRIC),
                               Metric(name="stt_ttfs", value_ms=ttfs * 1000))

@@ -77,7 +77,7 @@ async def test_a_pause_inside_a_sentence_does_not_end_the_turn(system, speak, se
         await caller.wait_for(lambda f: isinstance(f, BotText), 10, "the reply's words")
         spoken = " ".join(h.frame.text for h in caller.frames_of(BotText)).lower()
         # Whatever was speculated on the words before the pause was never said.
-        assert "four" in spoken and "people" in spoken, spoken
+        assert "four" in spoken and "people" in spoken, "\n".join([spoken, *caller.said()])
 
 
 async def test_a_turn_that_ends_as_speculated_is_answered_once(system, speak):
