@@ -277,7 +277,7 @@ class PhoneCall(BusSession):
             return
         if self.ended_on_bus:
             await self._play_out()
-        await self.ws.close(code=WSCloseCode.OK, message=b"session ended")
+        await self.ws.close(code=WSCloseCode.OK, message=reason.encode()[:123])
 
     async def _play_out(self) -> None:
         """The agent hung up: its last words (queued here and at the provider) play first."""

@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 
 from tests.gateway.conftest import lone_gateway  # noqa: F401  (the gateway with no stages)
+from tests.phone.provider_call import ulaw_from_wav
 from tests.scripted_openai import ScriptedOpenAI, Step
 
 SHORT = "The capital of France is Paris."
@@ -71,3 +72,12 @@ def settings(settings, tmp_path):
     (agents / "hangup.yaml").write_text(HANGUP_AGENT)
     (agents / "hangup.flow.yaml").write_text(HANGUP_FLOW)
     return replace(settings, agents_dir=str(agents))
+
+
+@pytest.fixture(scope="session")
+def lines(speak) -> dict[str, bytes]:
+    """The caller's lines as 8 kHz μ-law, made before any call starts: Piper runs on the
+    event loop's thread, and a call whose audio stalls that long is hung up as idle."""
+    return {"question": ulaw_from_wav(speak("What is the capital of France?")),
+            "story": ulaw_from_wav(speak("Please tell me a long story.")),
+            "interruption": ulaw_from_wav(speak("Wait, what is the capital of France?"))}

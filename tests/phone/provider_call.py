@@ -271,7 +271,7 @@ class ProviderCall:
                 counts = {e: len(self.events(e)) for e in {h.event for h in self.heard}}
                 raise AssertionError(f"{what}: not within {timeout:.0f} s (heard {counts}, "
                                      f"{self.audio_s():.1f} s of audio, close code "
-                                     f"{self.close_code})")
+                                     f"{self.close_code} {self.close_reason!r})")
             self.changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.changed.wait(), min(left, 0.2))

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from services.media_gateway.phone import CLOSE_PROTOCOL, CLOSE_UNAVAILABLE
 from services.media_gateway.worker import GatewayWorker
 from tests.faults.test_fuzz_frames import draw
-from tests.phone.provider_call import ProviderCall, ulaw_from_wav
+from tests.phone.provider_call import ProviderCall
 from tests.phone.test_twilio_call import BusWatch, final_text, released, started
 from voxbus.wire import ErrorEvent, SessionEnd
 
@@ -134,7 +134,7 @@ async def test_twilio_signature_is_checked_when_an_auth_token_is_set(settings):
 
 @pytest.mark.slow
 async def test_bad_messages_mid_call_are_reported_and_the_gateway_goes_on(gateway, stages, bus,
-                                                                         speak):
+                                                                         lines):
     call = ProviderCall(gateway.url)
     try:
         await call.answer()
@@ -161,7 +161,7 @@ async def test_bad_messages_mid_call_are_reported_and_the_gateway_goes_on(gatewa
         assert all(e.service == gateway.worker_id for e in errors)
         # The call goes on: the caller is still heard.
         spoke_at = time.monotonic()
-        call.say(ulaw_from_wav(speak("What is the capital of France?")))
+        call.say(lines["question"])
         await watch.wait(lambda w: "france" in final_text(w, spoke_at), 40, "the transcript")
 
         # An oversized message is the end of that call (close 1009), and only of that call.
@@ -219,7 +219,7 @@ async def test_fuzzed_first_messages_are_refused_and_the_gateway_goes_on(lone_ga
 
 
 @pytest.mark.slow
-async def test_fuzzed_messages_mid_call_leave_the_call_working(gateway, stages, bus, speak):
+async def test_fuzzed_messages_mid_call_leave_the_call_working(gateway, stages, bus, lines):
     call = ProviderCall(gateway.url)
     try:
         await call.answer()
@@ -231,7 +231,7 @@ async def test_fuzzed_messages_mid_call_leave_the_call_working(gateway, stages, 
         for message in messages:
             await call.send(message)
         spoke_at = time.monotonic()
-        call.say(ulaw_from_wav(speak("What is the capital of France?")))
+        call.say(lines["question"])
         await watch.wait(lambda w: "france" in final_text(w, spoke_at), 40, "the transcript")
         assert session in gateway.sessions() and call.close_code is None
         errors = watch.of(ErrorEvent)

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from tests.phone.conftest import GOODBYE
-from tests.phone.provider_call import RATE, ProviderCall, ulaw_from_wav
+from tests.phone.provider_call import RATE, ProviderCall
 from voxbus.wire import AudioFlush, BotText, ErrorEvent, SessionEnd, Transcript
 
 pytestmark = pytest.mark.slow
@@ -46,8 +46,10 @@ class BusWatch:
             if found:
                 return found
             await asyncio.sleep(0.05)
-        raise AssertionError(f"{what}: not on the bus within {timeout:.0f} s; saw "
-                             f"{[type(f).__name__ for _, f in self.frames[-20:]]}")
+        said = [(round(t, 2), f.text, f.final) for t, f in self.frames
+                if isinstance(f, Transcript | BotText)]
+        raise AssertionError(f"{what}: not on the bus within {timeout:.0f} s; words {said}, "
+                             f"last {[type(f).__name__ for _, f in self.frames[-8:]]}")
 
 
 def final_text(watch: BusWatch, since: float = 0.0) -> str:
@@ -80,7 +82,7 @@ async def started(stages, session: str) -> None:
                 f"the orchestrator starting session {session}")
 
 
-async def test_twilio_call_turn_and_hang_up(gateway, stages, bus, speak):
+async def test_twilio_call_turn_and_hang_up(gateway, stages, bus, lines):
     call = ProviderCall(gateway.url)
     try:
         await call.answer()
@@ -92,7 +94,7 @@ async def test_twilio_call_turn_and_hang_up(gateway, stages, bus, speak):
         await started(stages, session)
 
         spoke_at = time.monotonic()
-        call.say(ulaw_from_wav(speak("What is the capital of France?")))
+        call.say(lines["question"])
         await watch.wait(lambda w: "france" in final_text(w), 40, "the caller's transcript")
 
         # The agent's reply, as Twilio media messages on this stream: speech-length μ-law.
@@ -118,7 +120,7 @@ async def test_twilio_call_turn_and_hang_up(gateway, stages, bus, speak):
         await call.close()
 
 
-async def test_barge_in_clears_twilio_buffer(gateway, stages, bus, speak):
+async def test_barge_in_clears_twilio_buffer(gateway, stages, bus, lines):
     call = ProviderCall(gateway.url)
     try:
         await call.answer()
@@ -126,14 +128,12 @@ async def test_barge_in_clears_twilio_buffer(gateway, stages, bus, speak):
         watch = await BusWatch().watch(bus, session)
         await call.connect()
         await started(stages, session)
-        question = ulaw_from_wav(speak("Please tell me a long story."))
-        interruption = ulaw_from_wav(speak("Wait, what is the capital of France?"))
 
-        call.say(question)
+        call.say(lines["story"])
         await call.wait_for(lambda c: c.audio_s() > 2.0, 60, "two seconds of the long reply")
         assert not call.events("clear")
         barge_at = time.monotonic()
-        call.say(interruption)
+        call.say(lines["interruption"])
         clear = await call.wait_for(
             lambda c: [h for h in c.events("clear") if h.at >= barge_at], 20, "a clear")
         assert clear[0].message == {"event": "clear", "streamSid": call.stream_id}
@@ -184,7 +184,7 @@ SHAPES = {  # what the agent's media messages look like, per provider
 
 
 @pytest.mark.parametrize("provider", ["telnyx", "plivo"])
-async def test_other_providers_call_turn(gateway, stages, bus, speak, provider):
+async def test_other_providers_call_turn(gateway, stages, bus, lines, provider):
     call = ProviderCall(gateway.url, provider=provider)
     try:
         body = await call.answer()
@@ -196,7 +196,7 @@ async def test_other_providers_call_turn(gateway, stages, bus, speak, provider):
         await call.connect()
         await started(stages, session)
         spoke_at = time.monotonic()
-        call.say(ulaw_from_wav(speak("What is the capital of France?")))
+        call.say(lines["question"])
         await watch.wait(lambda w: "france" in final_text(w), 40, "the caller's transcript")
         await call.wait_for(lambda c: c.audio_s(spoke_at) > 1.0, 60, "the agent's reply")
         media = call.media()
