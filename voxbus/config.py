@@ -241,6 +241,21 @@ def _phone_public_url() -> str:
     return raw.rstrip("/")
 
 
+def _telnyx_public_key() -> str:
+    import base64
+    import binascii
+
+    raw = os.environ.get("VOXBUS_TELNYX_PUBLIC_KEY", "").strip()
+    try:
+        ok = not raw or len(base64.b64decode(raw, validate=True)) == 32
+    except (ValueError, binascii.Error):
+        ok = False
+    if not ok:
+        raise _fail("VOXBUS_TELNYX_PUBLIC_KEY is not an Ed25519 public key: expected the "
+                    "base64 key (32 bytes) from Telnyx's portal (Keys & Credentials)")
+    return raw
+
+
 def _secret_value(name: str) -> str:
     """A password or token: taken as given (not stripped: spaces may be part of it), never
     echoed in an error."""
@@ -450,6 +465,9 @@ class Settings:
     twilio_auth_token: str = field(
         default_factory=lambda: _secret_value("VOXBUS_TWILIO_AUTH_TOKEN"), repr=False)
     """Twilio's auth token: set, the Twilio webhook answers only signed requests."""
+    telnyx_public_key: str = field(default_factory=_telnyx_public_key)
+    """Telnyx's account public key (base64 Ed25519): set, the Telnyx webhook answers only
+    requests it signed."""
     phone_agent: str = field(default_factory=lambda: _env("VOXBUS_PHONE_AGENT", "chat"))
     """The agent a call gets when its webhook URL names none (``?agent=NAME``)."""
 

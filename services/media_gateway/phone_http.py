@@ -8,23 +8,25 @@
 The answer mints a single-use session token (``tokens.py``, the page's kind) into the stream's
 URL, so only a call that went through the answer can open a stream, and only once; with
 ``VOXBUS_TWILIO_AUTH_TOKEN`` set, Twilio's answer first checks ``X-Twilio-Signature``, so only
-Twilio can get one.
+Twilio can get one (and with ``VOXBUS_TELNYX_PUBLIC_KEY``, Telnyx's its Ed25519 signature).
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 import logging
 import re
+import time
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
 
 from services.media_gateway.phone import PhoneCall
-from services.media_gateway.telephony import PROVIDERS, Twilio
+from services.media_gateway.telephony import PROVIDERS, Telnyx, Twilio
 from services.media_gateway.tokens import TokenError
 
 if TYPE_CHECKING:
@@ -58,8 +60,15 @@ class PhoneRoutes:
             return _text(405, f"{provider.title}: the call webhook is a POST")
         if self.gateway.draining:
             return _text(503, "gateway is draining; try another replica")
+        raw = await request.read()
         form = await request.post() if request.method == "POST" else {}
         public = self.public_url(request)
+        if isinstance(provider, Telnyx) and self.settings.telnyx_public_key:
+            problem = telnyx_signature_problem(self.settings.telnyx_public_key, request.headers,
+                                               raw)
+            if problem:
+                log.warning("refused a Telnyx webhook for %s: %s", public, problem)
+                return _text(403, f"Telnyx signature: {problem}")
         if isinstance(provider, Twilio) and self.settings.twilio_auth_token:
             signature = request.headers.get("X-Twilio-Signature", "")
             if not twilio_signature_ok(self.settings.twilio_auth_token, public, form,
@@ -139,6 +148,34 @@ def twilio_signature(auth_token: str, url: str, form: dict[str, str]) -> str:
     payload = "".join(k + v for k, v in sorted(form.items()))
     mac = hmac.new(auth_token.encode(), (url + payload).encode(), hashlib.sha1)
     return base64.b64encode(mac.digest()).decode()
+
+
+TELNYX_TOLERANCE_S = 300
+"""A Telnyx signature older (or newer) than this is a replay: refused."""
+
+
+def telnyx_signature_problem(public_key_b64: str, headers, body: bytes) -> str | None:
+    """Telnyx signs ``{telnyx-timestamp}|{raw body}`` with the account's Ed25519 key; None if
+    the request's signature is good, else what is wrong with it."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    signature, stamp = headers.get("telnyx-signature-ed25519"), headers.get("telnyx-timestamp")
+    if not signature or not stamp:
+        return "telnyx-signature-ed25519 or telnyx-timestamp missing"
+    try:
+        age = abs(time.time() - int(stamp))
+        sig = base64.b64decode(signature, validate=True)
+    except (ValueError, binascii.Error):
+        return "telnyx-timestamp or telnyx-signature-ed25519 malformed"
+    if age > TELNYX_TOLERANCE_S:
+        return f"timestamp {age:.0f} s away from now (a replay?)"
+    key = Ed25519PublicKey.from_public_bytes(base64.b64decode(public_key_b64))
+    try:
+        key.verify(sig, stamp.encode() + b"|" + body)
+    except InvalidSignature:
+        return "does not match (is VOXBUS_TELNYX_PUBLIC_KEY your account's public key?)"
+    return None
 
 
 def _url_variants(url: str) -> list[str]:

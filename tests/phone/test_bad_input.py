@@ -132,6 +132,42 @@ async def test_twilio_signature_is_checked_when_an_auth_token_is_set(settings):
         await gw.stop()
 
 
+async def test_telnyx_signature_is_checked_when_a_public_key_is_set(settings):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    key = Ed25519PrivateKey.generate()
+    public = base64.b64encode(key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
+    gw = GatewayWorker(replace(settings, http_port=0, telnyx_public_key=public.decode()))
+    await gw.start()
+    try:
+        body = b"CallSid=v3:abc&From=%2B15550001111"
+        endpoint = f"{gw.url}phone/telnyx/answer"
+
+        def signed(stamp: int, payload: bytes = body, by=key) -> dict[str, str]:
+            signature = by.sign(str(stamp).encode() + b"|" + payload)
+            return {"telnyx-signature-ed25519": base64.b64encode(signature).decode(),
+                    "telnyx-timestamp": str(stamp),
+                    "Content-Type": "application/x-www-form-urlencoded"}
+
+        now = int(time.time())
+        async with aiohttp.ClientSession() as http:
+            for headers, data in (
+                    ({"Content-Type": "application/x-www-form-urlencoded"}, body),  # unsigned
+                    (signed(now), body + b"&To=1"),  # another body
+                    (signed(now - 3600), body),  # an hour-old replay
+                    (signed(now, by=Ed25519PrivateKey.generate()), body),  # another key
+                    ({**signed(now), "telnyx-signature-ed25519": "%%%"}, body)):
+                async with http.post(endpoint, data=data, headers=headers) as r:
+                    assert r.status == 403, (headers, await r.text())
+                    assert "Telnyx signature" in await r.text()
+            async with http.post(endpoint, data=body, headers=signed(now)) as r:
+                assert r.status == 200, await r.text()
+                assert "/phone/telnyx/stream/" in await r.text()
+    finally:
+        await gw.stop()
+
+
 @pytest.mark.slow
 async def test_bad_messages_mid_call_are_reported_and_the_gateway_goes_on(gateway, stages, bus,
                                                                          lines):
