@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.jitterbuffer import JitterBuffer
 from aiortc.mediastreams import MediaStreamError
+from aiortc.sdp import candidate_from_sdp
 
 from services.media_gateway.audio_tracks import AgentAudioTrack, InboundResampler
 from services.media_gateway.bus_session import BadFrame, BusSession
@@ -74,8 +75,7 @@ class PeerSession(BusSession):
         @pc.on("datachannel")
         def _on_channel(channel):
             self.channel = channel
-            self.send({"type": "session", "session": self.session, "agent": self.agent})
-            self.send({"type": "state", "state": self.state})
+            self.channel_opened(channel)
 
         @pc.on("track")
         def _on_track(track):
@@ -97,6 +97,28 @@ class PeerSession(BusSession):
         await self.start_on_bus()
         await pc.setLocalDescription(await pc.createAnswer())
         return pc.localDescription
+
+    async def renegotiate(self, sdp: str, kind: str) -> RTCSessionDescription:
+        """A new offer on the same peer connection (the client added or changed a track)."""
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=kind))
+        await self.pc.setLocalDescription(await self.pc.createAnswer())
+        return self.pc.localDescription
+
+    async def add_ice_candidate(self, candidate: str, sdp_mid: str | None,
+                                sdp_mline_index: int | None) -> None:
+        """A trickled candidate of the browser's; an empty one is end-of-candidates."""
+        if not candidate:
+            await self.pc.addIceCandidate(None)
+            return
+        parsed = candidate_from_sdp(candidate.removeprefix("candidate:"))
+        parsed.sdpMid = sdp_mid
+        parsed.sdpMLineIndex = sdp_mline_index
+        await self.pc.addIceCandidate(parsed)
+
+    def channel_opened(self, channel) -> None:
+        """The page's data channel: it first learns its session and state."""
+        self.send({"type": "session", "session": self.session, "agent": self.agent})
+        self.send({"type": "state", "state": self.state})
 
     # --- browser → bus ----------------------------------------------------------------
 

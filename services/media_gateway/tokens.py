@@ -52,21 +52,35 @@ class TokenAuthority:
                   "iat": int(now), "exp": int(grant.expires_at), "aud": AUDIENCE}
         return jwt.encode(claims, self._secret, algorithm=ALGORITHM), grant
 
+    def check(self, token: str | None) -> Grant:
+        """Check a token without using it up (Pipecat's ``/start``; the offer then redeems it)."""
+        claims = self._decode(token)
+        if claims["jti"] in self._used:
+            raise TokenError("session token already used")
+        return _grant(claims)
+
     def redeem(self, token: str | None) -> Grant:
         """Check a token and mark it used; raises TokenError saying why it is refused."""
-        if not token:
-            raise TokenError("missing session token: get one from /api/token")
-        try:
-            claims = jwt.decode(token, self._secret, algorithms=[ALGORITHM], audience=AUDIENCE,
-                                options={"require": ["sub", "jti", "exp"]})
-        except jwt.ExpiredSignatureError:
-            raise TokenError("session token expired") from None
-        except jwt.InvalidTokenError as e:
-            raise TokenError(f"invalid session token: {e}") from None
+        claims = self._decode(token)
         now = time.time()
         self._used = {k: exp for k, exp in self._used.items() if exp > now}
         if claims["jti"] in self._used:
             raise TokenError("session token already used")
         self._used[claims["jti"]] = float(claims["exp"])
-        return Grant(session=str(claims["sub"]), agent=str(claims.get("agent", "chat")),
-                     token_id=claims["jti"], expires_at=float(claims["exp"]))
+        return _grant(claims)
+
+    def _decode(self, token: str | None) -> dict:
+        if not token:
+            raise TokenError("missing session token: get one from /api/token")
+        try:
+            return jwt.decode(token, self._secret, algorithms=[ALGORITHM], audience=AUDIENCE,
+                              options={"require": ["sub", "jti", "exp"]})
+        except jwt.ExpiredSignatureError:
+            raise TokenError("session token expired") from None
+        except jwt.InvalidTokenError as e:
+            raise TokenError(f"invalid session token: {e}") from None
+
+
+def _grant(claims: dict) -> Grant:
+    return Grant(session=str(claims["sub"]), agent=str(claims.get("agent", "chat")),
+                 token_id=claims["jti"], expires_at=float(claims["exp"]))

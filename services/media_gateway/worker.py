@@ -5,24 +5,30 @@ HTTP API (JSON):
     POST /api/token        {"agent"?} → {"token", "session", "expires_in"}   (VOXBUS_OPEN_TOKENS)
     POST /api/offer        {"sdp", "type": "offer", "token"} → {"sdp", "type": "answer", "session"}
     /phone/...             phone calls over providers' WebSocket media streams (phone_http.py)
-Errors are ``{"error": "..."}`` with 400 (bad offer), 401 (token), 403, 405, 409, 413 (body over
-256 KB), 415 (a body that is not ``application/json``), 503 (no orchestrator); never a page.
-Signaling is non-trickle: the page waits for ICE gathering before it posts the offer.
+    /start, /sessions/..   Pipecat's SmallWebRTC signaling, RTVI on the data channel
+                           (pipecat_http.py; an /api/offer body with "pc_id" is Pipecat's too)
+Errors are ``{"error": "...", "detail": "..."}`` with 400 (bad offer), 401 (token), 403, 405,
+409, 413 (body over 256 KB), 415 (a body that is not ``application/json``), 503 (no
+orchestrator); never a page.
+Our page's signaling is non-trickle: it waits for ICE gathering before it posts the offer.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 from pathlib import Path
 
 from aiohttp import web
-from aiortc import RTCConfiguration, RTCIceServer
+from aiortc import RTCConfiguration, RTCIceServer, RTCSessionDescription
 
 from services.media_gateway.bus_session import BusSession
+from services.media_gateway.http_json import AGENT_NAME, MAX_BODY
+from services.media_gateway.http_json import error as _error
+from services.media_gateway.http_json import json_body as _json_body
+from services.media_gateway.http_json import shown as _shown
 from services.media_gateway.peer import PeerSession
 from services.media_gateway.phone_http import add_phone_routes
+from services.media_gateway.pipecat_http import PipecatSignaling
 from services.media_gateway.tokens import TokenAuthority, TokenError, generate_secret
 from voxbus.errors import VoxbusError
 from voxbus.liveness import Liveness
@@ -32,9 +38,8 @@ from voxbus.subjects import Stage
 log = logging.getLogger("voxbus.gateway")
 
 WEB_DIR = Path(__file__).parent / "web"
-MAX_BODY = 256 * 1024  # an SDP offer is a few KB
-AGENT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-"""An agent is named by its file name (services/orchestrator/agent.py)."""
+JSON_PATHS = ("/api/", "/start", "/sessions/")
+"""Where every answer, refusals included, is JSON (our API and Pipecat's signaling)."""
 
 
 class GatewayWorker(Service):
@@ -46,6 +51,8 @@ class GatewayWorker(Service):
         self.tokens = TokenAuthority(secret, ttl_s=self.settings.token_ttl_s)
         self.peers: dict[str, BusSession] = {}
         """Every session this replica carries: browsers' and phone calls'."""
+        self.pipecat = PipecatSignaling(self)
+        """Pipecat's SmallWebRTC signaling (``/start``, ``/sessions/{id}/api/offer``)."""
         self.http_port: int | None = None
         self._site_runner: web.AppRunner | None = None
         self.liveness: Liveness | None = None
@@ -61,6 +68,7 @@ class GatewayWorker(Service):
     def forget(self, peer: BusSession) -> None:
         if self.peers.get(peer.session) is peer:
             del self.peers[peer.session]
+        self.pipecat.forget(peer)
 
     @property
     def url(self) -> str:
@@ -78,6 +86,7 @@ class GatewayWorker(Service):
         app.router.add_post("/api/token", self._token)
         app.router.add_post("/api/offer", self._offer)
         add_phone_routes(app, self)
+        self.pipecat.add_routes(app)
         self._site_runner = web.AppRunner(app, access_log=None)
         await self._site_runner.setup()
         site = web.TCPSite(self._site_runner, self.settings.http_host, self.settings.http_port)
@@ -123,6 +132,8 @@ class GatewayWorker(Service):
         body = await _json_body(request, required=True)
         if isinstance(body, web.Response):
             return body
+        if "pc_id" in body:  # Pipecat's SmallWebRTC client, straight to /api/offer
+            return await self.pipecat.offer(request, body, start_id=None)
         sdp, kind = body.get("sdp"), body.get("type", "offer")
         if not isinstance(sdp, str) or not sdp.strip() or kind != "offer":
             return _error(400, 'expected {"sdp": "<offer SDP>", "type": "offer", "token": ...}')
@@ -133,12 +144,20 @@ class GatewayWorker(Service):
             grant = self.tokens.redeem(token)
         except TokenError as e:
             return _error(401, str(e))
+        answer = await self.open_peer(PeerSession(self, grant), sdp, kind)
+        if isinstance(answer, web.Response):
+            return answer
+        return web.json_response({"sdp": answer.sdp, "type": answer.type,
+                                  "session": grant.session})
+
+    async def open_peer(self, peer: PeerSession, sdp: str,
+                        kind: str) -> RTCSessionDescription | web.Response:
+        """Answer a first offer: the session starts on the bus, or the refusal says why."""
         if len(self.peers) >= self.settings.gateway_max_sessions:
             return _error(503, f"gateway full ({len(self.peers)} sessions); try another replica")
-        if grant.session in self.peers:
-            return _error(409, f"session {grant.session} is already connected")
-        peer = PeerSession(self, grant)
-        self.peers[grant.session] = peer
+        if peer.session in self.peers:
+            return _error(409, f"session {peer.session} is already connected")
+        self.peers[peer.session] = peer
         try:
             answer = await peer.answer(sdp, kind)
         except VoxbusError as e:  # no orchestrator answered, or it could not start the session
@@ -147,28 +166,18 @@ class GatewayWorker(Service):
             return _error(status, f"cannot start the session: {e}")
         except Exception as e:  # garbage SDP, no audio, DTLS setup: the offer is what was bad
             await peer.close("bad offer")
-            log.warning("refused offer for %s: %s: %s", grant.session, type(e).__name__, e)
+            log.warning("refused offer for %s: %s: %s", peer.session, type(e).__name__, e)
             return _error(400, f"cannot accept this offer: {type(e).__name__}: {e}")
-        log.info("%s: session %s connected (agent %s)", self.worker_id, grant.session,
-                 grant.agent)
-        return web.json_response({"sdp": answer.sdp, "type": answer.type,
-                                  "session": grant.session})
-
-
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
-
-
-def _shown(value) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 40 else text[:40] + "..."
+        log.info("%s: session %s connected (agent %s, %s)", self.worker_id, peer.session,
+                 peer.agent, peer.caller)
+        return answer
 
 
 @web.middleware
 async def _api_errors(request: web.Request, handler) -> web.StreamResponse:
     """The API answers in JSON whatever goes wrong: aiohttp's own refusals (405, 404, 413) and,
     should a handler ever fail, a 500 saying so rather than a page."""
-    if not request.path.startswith("/api/"):
+    if not request.path.startswith(JSON_PATHS):
         return await handler(request)
     try:
         return await handler(request)
@@ -179,24 +188,3 @@ async def _api_errors(request: web.Request, handler) -> web.StreamResponse:
     except Exception as e:
         log.exception("%s %s failed", request.method, request.path)
         return _error(500, f"internal error: {type(e).__name__}")
-
-
-async def _json_body(request: web.Request, *, required: bool) -> dict | web.Response:
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        return _error(413, f"request body over {MAX_BODY} bytes")
-    if not raw.strip():
-        return _error(400, "expected a JSON body") if required else {}
-    if request.content_type != "application/json":
-        return _error(415, f"expected Content-Type: application/json, not "
-                           f"{request.content_type or 'none'}")
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        return _error(400, f"body is not JSON: {e}")
-    except RecursionError:
-        return _error(400, "body is not JSON this gateway reads: nested too deeply")
-    if not isinstance(body, dict):
-        return _error(400, "body must be a JSON object")
-    return body

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +82,33 @@ async def chromium_with_mic(tmp_path):
         yield launch
         for browser in browsers:
             await browser.close()
+
+
+PIPECAT_CLIENT = Path(__file__).parent / "pipecat_client"
+"""Pipecat's JS client SDK from npm, bundled with esbuild into a page (``page.js``)."""
+
+
+def _newer(target: Path, *sources: Path) -> bool:
+    return target.exists() and all(target.stat().st_mtime >= s.stat().st_mtime for s in sources)
+
+
+@pytest.fixture(scope="session")
+def pipecat_client_page() -> Path:
+    """The folder of the bundled Pipecat client page (``index.html``, ``bundle.js``): ``npm ci``
+    when ``node_modules`` is missing or older than the lock file, esbuild when the bundle is."""
+    npm = shutil.which("npm")
+    if npm is None:
+        pytest.fail("no npm: install Debian's nodejs and npm (see .ci/run)")
+    lock, installed = PIPECAT_CLIENT / "package-lock.json", PIPECAT_CLIENT / "node_modules"
+    if not _newer(installed / ".package-lock.json", lock):
+        done = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=PIPECAT_CLIENT,
+                              capture_output=True, text=True, timeout=600)
+        if done.returncode:
+            pytest.fail(f"npm ci failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    bundle = PIPECAT_CLIENT / "dist" / "bundle.js"
+    if not _newer(bundle, PIPECAT_CLIENT / "page.js", lock, installed / ".package-lock.json"):
+        done = subprocess.run([npm, "run", "--silent", "build"], cwd=PIPECAT_CLIENT,
+                              capture_output=True, text=True, timeout=300)
+        if done.returncode:
+            pytest.fail(f"esbuild failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return bundle.parent
