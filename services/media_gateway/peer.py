@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.jitterbuffer import JitterBuffer
 from aiortc.mediastreams import MediaStreamError
-from aiortc.sdp import candidate_from_sdp
+from aiortc.sdp import SessionDescription, candidate_from_sdp
 
 from services.media_gateway.audio_tracks import AgentAudioTrack, InboundResampler
 from services.media_gateway.bus_session import BadFrame, BusSession
@@ -99,7 +99,16 @@ class PeerSession(BusSession):
         return pc.localDescription
 
     async def renegotiate(self, sdp: str, kind: str) -> RTCSessionDescription:
-        """A new offer on the same peer connection (the client added or changed a track)."""
+        """A new offer on the same peer connection (the client added or changed a track).
+
+        Checked first: aiortc takes an offer without the connection's media sections and then
+        fails inside its own connect task, leaving a live peer broken."""
+        current = self.pc.remoteDescription
+        offered = SessionDescription.parse(sdp)
+        kinds = [m.kind for m in SessionDescription.parse(current.sdp).media] if current else []
+        if kind != "offer" or [m.kind for m in offered.media[:len(kinds)]] != kinds:
+            raise ValueError(f"a new offer keeps this connection's media sections "
+                             f"({', '.join(kinds) or 'none'}), in order")
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=kind))
         await self.pc.setLocalDescription(await self.pc.createAnswer())
         return self.pc.localDescription

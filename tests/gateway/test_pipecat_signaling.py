@@ -180,6 +180,25 @@ async def test_rtvi_turn_over_trickled_ice(gateway, stages, speech_wav):
         ready = peer.rtvi("bot-ready")[0]
         assert ready["id"] == "r1" and ready["label"] == "rtvi-ai"
         assert ready["data"]["about"]["session"] == grant.session
+        # An offer naming the pc_id renegotiates that connection; a restart is refused and
+        # the session goes on.
+        again_sdp, _ = await peer.offer()
+        offer = {"sdp": again_sdp, "type": "offer", "pc_id": answer["pc_id"],
+                 "restart_pc": False}
+        status, again = await _call(gateway, "POST", "/api/offer", offer)
+        assert status == 200 and again["pc_id"] == answer["pc_id"], again
+        await peer.pc.setRemoteDescription(RTCSessionDescription(again["sdp"], again["type"]))
+        status, refused = await _call(gateway, "POST", "/api/offer",
+                                      {**offer, "restart_pc": True})
+        assert status == 409 and "/start" in refused["error"], refused
+        status, refused = await _call(gateway, "POST", "/api/offer", {**offer, "sdp": "garbage"})
+        assert status == 400, refused
+        status, refused = await _call(gateway, "PATCH", "/api/offer", {
+            "pc_id": answer["pc_id"],
+            "candidates": [{"candidate": "candidate:garbage", "sdp_mid": "0",
+                            "sdp_mline_index": 0}]})
+        assert status == 400 and "candidate" in refused["error"], refused
+        assert gateway.sessions() == [grant.session]
         peer.channel.send(json.dumps({"label": "rtvi-ai", "type": "send-text", "id": "t1",
                                       "data": {"content": "hi"}}))
         assert await peer.wait_for(lambda: peer.rtvi("error-response"), 5), peer.messages
