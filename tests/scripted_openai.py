@@ -3,12 +3,21 @@
 Each request to ``/v1/chat/completions`` takes the next step of the script: text (streamed in
 small deltas), tool calls (streamed as argument fragments, as OpenAI does), an HTTP error, or a
 delay before the first byte. Every request body is recorded for the test to inspect.
+
+The audio API too, when given the functions that do the work: ``/v1/audio/transcriptions``
+(a multipart WAV upload; ``transcribe(pcm16, rate)`` answers it, e.g. with the local Whisper
+model) and ``/v1/audio/speech`` (``speak(text)`` returns 24 kHz PCM16, the rate OpenAI documents
+for ``response_format=pcm``, streamed in chunks). ``audio_faults`` are steps (an HTTP error, a
+delay) the next audio requests take first; every audio request is recorded, with what its
+upload really held.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import wave
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -26,16 +35,31 @@ class Step:
 class ScriptedOpenAI:
     """``script``: the steps in order, or a function choosing a step from the request body."""
 
-    def __init__(self, script: list[Step] | Callable[[dict], Step]):
+    def __init__(self, script: list[Step] | Callable[[dict], Step] = (), *,
+                 transcribe: Callable[[bytes, int], str] | None = None,
+                 speak: Callable[[str], bytes] | None = None):
         self.script = script if callable(script) else list(script)
         self.requests: list[dict] = []
         self.warmups: list[dict] = []
+        self.transcribe = transcribe
+        self.speak = speak
+        self.audio_faults: list[Step] = []
+        self.api_key: str | None = None
+        """Set: audio requests with another key are refused (401), as OpenAI does."""
+        self.transcriptions: list[dict] = []
+        """Each upload: its form fields, and the WAV's ``rate``, ``channels``, ``width`` and
+        ``seconds`` as parsed here (an upload that is no WAV has ``error``)."""
+        self.speeches: list[dict] = []
+        self.spoken: list[bytes] = []
+        """The audio each successful speech request was answered with, in order."""
         self._runner: web.AppRunner | None = None
         self.base_url = ""
 
     async def start(self) -> ScriptedOpenAI:
-        app = web.Application()
+        app = web.Application(client_max_size=32 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._complete)
+        app.router.add_post("/v1/audio/transcriptions", self._transcription)
+        app.router.add_post("/v1/audio/speech", self._speech)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -89,3 +113,67 @@ class ScriptedOpenAI:
         await send({}, "tool_calls" if step.tool_calls else "stop")
         await res.write(b"data: [DONE]\n\n")
         return res
+
+    async def _fault(self, request: web.Request) -> web.Response | None:
+        """The next audio fault, if any: a delay (then the real answer), or an HTTP error."""
+        if self.api_key is not None and request.headers.get("Authorization") != (
+                f"Bearer {self.api_key}"):
+            return _error(401, "Incorrect API key provided", "invalid_api_key")
+        step = self.audio_faults.pop(0) if self.audio_faults else None
+        if step is None:
+            return None
+        if step.delay_s:
+            await asyncio.sleep(step.delay_s)
+        if step.status != 200:
+            kind = "invalid_api_key" if step.status == 401 else "server_error"
+            return _error(step.status, f"scripted {step.status}", kind)
+        return None
+
+    async def _transcription(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        upload = form.get("file")
+        record: dict = {k: v for k, v in form.items() if isinstance(v, str)}
+        self.transcriptions.append(record)
+        pcm, rate = b"", 0
+        try:
+            with wave.open(io.BytesIO(upload.file.read()), "rb") as w:  # type: ignore[union-attr]
+                rate = w.getframerate()
+                record.update(rate=rate, channels=w.getnchannels(), width=w.getsampwidth(),
+                              seconds=w.getnframes() / rate)
+                pcm = w.readframes(w.getnframes())
+        except (AttributeError, wave.Error, EOFError) as e:
+            record["error"] = f"not a WAV upload: {e}"
+            return _error(400, record["error"], "invalid_request_error")
+        failed = await self._fault(request)
+        if failed is not None:
+            return failed
+        if self.transcribe is None:
+            return _error(404, "this scripted endpoint has no transcriber", "not_found")
+        text = await asyncio.to_thread(self.transcribe, pcm, rate)
+        record["text"] = text
+        if record.get("response_format") in (None, "json", "verbose_json"):
+            return web.json_response({"text": text})
+        return web.Response(text=text)
+
+    async def _speech(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.speeches.append(body)
+        failed = await self._fault(request)
+        if failed is not None:
+            return failed
+        if self.speak is None or body.get("response_format") != "pcm":
+            return _error(400, "this scripted endpoint speaks response_format=pcm only",
+                          "invalid_request_error")
+        pcm = await asyncio.to_thread(self.speak, body["input"])
+        self.spoken.append(pcm)
+        res = web.StreamResponse(headers={"Content-Type": "audio/pcm"})
+        await res.prepare(request)
+        for i in range(0, len(pcm), 4800):  # 0.1 s at 24 kHz, as a streaming server sends
+            await res.write(pcm[i:i + 4800])
+        await res.write_eof()
+        return res
+
+
+def _error(status: int, message: str, kind: str) -> web.Response:
+    return web.json_response({"error": {"message": message, "type": kind, "code": kind}},
+                             status=status)

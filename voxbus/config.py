@@ -156,6 +156,16 @@ def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:
     return raw.lower()
 
 
+def _service_name(name: str) -> str:
+    """A stage's Pipecat provider by name (services/providers.py checks it is one it knows,
+    at the worker's start: the table is the services', not the core's)."""
+    raw = (_raw(name) or "local").lower()
+    if not re.match(r"^[a-z0-9][a-z0-9_-]{0,63}$", raw):
+        raise _fail(f"{name}={os.environ[name]!r} is not a service name: expected e.g. local, "
+                    "openai, deepgram, cartesia, elevenlabs, azure")
+    return raw
+
+
 def _nats_url() -> str:
     """One NATS URL or several comma-separated (a cluster's nodes, tried in that order)."""
     raw = _raw("VOXBUS_NATS_URL")
@@ -394,6 +404,20 @@ class Settings:
         "VOXBUS_CONTROL_TLS_KEY"))
     control_file: str = field(default_factory=_control_file)
     """Where ``voxbus up`` writes the control address and token (mode 0600) for ``voxbus ctl``."""
+
+    # Providers (services/providers.py)
+    stt_service: str = field(default_factory=lambda: _service_name("VOXBUS_STT_SERVICE"))
+    """The STT stage's Pipecat service: ``local`` (Whisper) or a provider's name."""
+    tts_service: str = field(default_factory=lambda: _service_name("VOXBUS_TTS_SERVICE"))
+    """The TTS stage's Pipecat service: ``local`` (Piper) or a provider's name."""
+    provider_timeout_s: float = field(
+        default_factory=lambda: _seconds("VOXBUS_PROVIDER_TIMEOUT_S", 10.0))
+    """One request to a remote provider (a segment's transcription, a sentence's first audio
+    byte) that takes longer has failed: said on the session, the stage goes on."""
+    stt_final_wait_s: float = field(
+        default_factory=lambda: _seconds("VOXBUS_STT_FINAL_WAIT_S", 0.0, zero_ok=True))
+    """A streaming STT provider: how long after the VAD's stop its last final transcript may
+    take before the segment is closed with what it sent (0: the service's own p99)."""
 
     # STT
     stt_model: str = field(default_factory=lambda: _env("VOXBUS_STT_MODEL", ""))

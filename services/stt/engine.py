@@ -6,10 +6,12 @@ import asyncio
 import functools
 import logging
 import time
+from dataclasses import replace
 
 from pipecat.frames.frames import (
     CancelFrame,
     EndFrame,
+    ErrorFrame,
     Frame,
     InputAudioRawFrame,
     StartFrame,
@@ -17,10 +19,12 @@ from pipecat.frames.frames import (
     VADUserStoppedSpeakingFrame,
 )
 from pipecat.processors.frame_processor import FrameDirection
-from pipecat.services.stt_service import STTService
+from pipecat.services.stt_service import SegmentedSTTService, STTService
 from pipecat.services.whisper.stt import WhisperSTTService
 from pipecat.utils.time import time_now_iso8601
 
+from services import providers
+from services.providers import Built
 from services.stt.early import EarlyTranscript
 from voxbus.config import Settings
 
@@ -128,7 +132,51 @@ class SharedWhisperSTTService(WhisperSTTService):
         return frames
 
 
-def make_stt_service(settings: Settings) -> STTService:
+def stt_provider(settings: Settings) -> Built | None:
+    """The remote provider ``VOXBUS_STT_SERVICE`` names, checked and imported (None: local
+    Whisper). Called once per worker, at start."""
+    provider = providers.chosen("stt", settings.stt_service)
+    if provider is None:
+        return None
+    built = providers.load(provider)
+    if issubclass(built.cls, SegmentedSTTService):
+        # One transcript per VAD segment, always: the worker pairs them with the VAD's stops.
+        built = replace(built, cls=one_transcript_per_segment(built.cls))
+    return built
+
+
+def one_transcript_per_segment(cls: type[SegmentedSTTService]) -> type[SegmentedSTTService]:
+    """``cls`` whose every segment ends in exactly one final transcript: an empty one when the
+    provider heard nothing or failed (its error frame still goes upstream, to the worker's
+    error report). Pipecat drops empty results and errors yield no transcript, and a segment
+    with no transcript would leave the orchestrator waiting for it until its deadline."""
+
+    class OneTranscriptPerSegment(cls):
+        async def run_stt(self, audio: bytes):
+            texts, language, failed = [], None, False
+            async for frame in super().run_stt(audio):
+                if isinstance(frame, TranscriptionFrame):
+                    texts.append(frame.text.strip())
+                    language = language or frame.language
+                    continue
+                failed = failed or isinstance(frame, ErrorFrame)
+                yield frame
+            if failed:
+                log.warning("%s: the provider failed a segment; it counts as unintelligible",
+                            self)
+            yield TranscriptionFrame(" ".join(t for t in texts if t), self._user_id,
+                                     time_now_iso8601(), language=language, finalized=True)
+
+    OneTranscriptPerSegment.__name__ = OneTranscriptPerSegment.__qualname__ = cls.__name__
+    return OneTranscriptPerSegment
+
+
+def make_stt_service(settings: Settings, provider: Built | None = None) -> STTService:
+    """One session's service: the provider's (``stt_provider``'s result) or local Whisper."""
+    if provider is not None:
+        service = provider.make()
+        providers.openai_client_options(service, settings.provider_timeout_s)
+        return service
     model = settings.stt_model or default_model_path()
     return SharedWhisperSTTService(
         voxbus_settings=settings,
@@ -146,5 +194,7 @@ def make_stt_service(settings: Settings) -> STTService:
 
 
 def warm_up(settings: Settings) -> None:
-    """Load the model before taking work so the first session pays nothing."""
-    load_model(settings)
+    """Load the model before taking work so the first session pays nothing (local only: a
+    provider's model is the provider's)."""
+    if providers.chosen("stt", settings.stt_service) is None:
+        load_model(settings)

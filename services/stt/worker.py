@@ -13,14 +13,16 @@ from collections import deque
 
 from nats.aio.msg import Msg
 from pipecat.frames.frames import (
+    ErrorFrame,
     InputAudioRawFrame,
     InterimTranscriptionFrame,
     TranscriptionFrame,
     VADUserStartedSpeakingFrame,
     VADUserStoppedSpeakingFrame,
 )
+from pipecat.services.stt_service import SegmentedSTTService
 
-from services.stt.engine import make_stt_service, warm_up
+from services.stt.engine import make_stt_service, stt_provider, warm_up
 from voxbus.bus import now_us
 from voxbus.metrics import STT_TTFS
 from voxbus.pipecat_host import FrameTap, HostedPipeline
@@ -66,9 +68,15 @@ class SessionStream:
         self._fed = asyncio.Condition()
         self.last_audio = time.monotonic()
         tap = FrameTap((TranscriptionFrame, InterimTranscriptionFrame), self._on_transcript)
-        self.stt = make_stt_service(worker.settings)
+        self.stt = make_stt_service(worker.settings, worker.provider)
+        self.streaming = not isinstance(self.stt, SegmentedSTTService)
+        """A streaming provider's finals are not one per segment: see :class:`_Finals`."""
+        self._finals = _Finals(self, worker.settings.stt_final_wait_s or min(
+            3.0, getattr(self.stt, "_ttfs_p99_latency", None) or 1.0))
+        # Upstream of the service: its error frames (a provider's 401, 500, timeout) go up.
+        errors = FrameTap((ErrorFrame,), self._on_error)
         self.pipeline = HostedPipeline(
-            [self.stt, tap], name=f"stt-{session}", sample_rate=sample_rate
+            [errors, self.stt, tap], name=f"stt-{session}", sample_rate=sample_rate
         )
         self._subs = []
 
@@ -88,6 +96,7 @@ class SessionStream:
         ]
 
     async def close(self, *, graceful: bool = True) -> None:
+        self._finals.cancel()
         for sub in self._subs:
             try:
                 await sub.unsubscribe()
@@ -111,6 +120,8 @@ class SessionStream:
             self.speaking = False
             self._segments.append((claim.backlog_seq, time.monotonic()))
             await self.pipeline.queue(VADUserStoppedSpeakingFrame())
+            if self.streaming:
+                self._finals.stopped()
         log.info("%s: took over %.1f s of untranscribed audio (up to seq %d)", self.session,
                  len(claim.backlog) / 2 / self.sample_rate, claim.backlog_seq)
 
@@ -151,6 +162,8 @@ class SessionStream:
             self.speaking = False
             self._segments.append((frame.seq, time.monotonic()))
             await self.pipeline.queue(VADUserStoppedSpeakingFrame())
+            if self.streaming:
+                self._finals.stopped()
 
     async def _on_ctl(self, frame: Frame, _msg: Msg) -> None:
         # Not inline: releasing unsubscribes the very subscription running this handler.
@@ -162,22 +175,93 @@ class SessionStream:
             log.warning("%s: now transcribed by %s; letting go", self.session, frame.worker)
             self.worker.spawn(self.worker.release(self.session))
 
+    async def _on_error(self, frame: ErrorFrame) -> None:
+        log.warning("%s: STT service error: %s", self.session, frame.error)
+        await self.worker.bus.report("stt_provider", f"STT service: {frame.error}",
+                                     subject=self.worker.subjects.ctl(self.session))
+
     async def _on_transcript(self, frame: TranscriptionFrame | InterimTranscriptionFrame) -> None:
-        final = isinstance(frame, TranscriptionFrame)
-        seq, stopped_at = (self._segments.popleft() if final and self._segments
+        if self.streaming and isinstance(frame, TranscriptionFrame):
+            await self._finals.heard(frame)
+        else:
+            await self.publish(frame.text, isinstance(frame, TranscriptionFrame),
+                               str(frame.language) if frame.language else None)
+
+    async def publish(self, text: str, final: bool, language: str | None = None, *,
+                      closes: bool = True) -> None:
+        """One transcript on the bus; a final one (``closes``) is the oldest open segment's."""
+        seq, stopped_at = (self._segments.popleft() if final and closes and self._segments
                            else (0, None))
-        text = frame.text.strip()
+        text = text.strip()
         bus, subjects = self.worker.bus, self.worker.subjects
         await bus.publish(
             subjects.event(self.session, Event.TRANSCRIPT),
-            Transcript(text=text, final=final, seq=seq,
-                       ts_us=now_us(), language=str(frame.language) if frame.language else None),
+            Transcript(text=text, final=final, seq=seq, ts_us=now_us(), language=language),
         )
         if stopped_at is not None:
             ttfs = time.monotonic() - stopped_at
             STT_TTFS.labels(Stage.STT.value).observe(ttfs)
             await bus.publish(subjects.event(self.session, Event.METRIC),
                               Metric(name="stt_ttfs", value_ms=ttfs * 1000))
+
+
+class _Finals:
+    """A streaming provider's final transcripts, made into one per VAD segment.
+
+    Whisper (and every segmented service) answers each segment with one transcript, which the
+    worker pairs with the segment's stop. A streaming service (Deepgram, Cartesia, Azure) sends
+    finals when *it* decides: several per utterance, some before the VAD's stop, and the last
+    one after it, marked ``finalized`` if the provider confirms a finalize request. So finals
+    are gathered while the segment is open and published as its one transcript when the
+    provider says it is finalized, or ``wait_s`` after the stop (the service's p99), whichever
+    comes first; a final that comes later still is published on its own, closing nothing.
+    """
+
+    def __init__(self, stream: SessionStream, wait_s: float):
+        self.stream = stream
+        self.wait_s = wait_s
+        self.texts: list[str] = []
+        self.language: str | None = None
+        self._timer: asyncio.Task | None = None
+
+    def stopped(self) -> None:
+        if self._timer is None:
+            self._timer = self.stream.worker.spawn(self._expire(), name="stt-final-wait")
+
+    async def heard(self, frame: TranscriptionFrame) -> None:
+        if frame.text.strip():
+            self.texts.append(frame.text.strip())
+        self.language = self.language or (str(frame.language) if frame.language else None)
+        s = self.stream
+        if s._segments and frame.finalized:
+            await self.close()
+        elif not s._segments and not s.speaking and self.texts:
+            await self._flush(closes=False)  # after its segment closed: words, closing nothing
+
+    async def close(self) -> None:
+        if self._timer is not None and self._timer is not asyncio.current_task():
+            self._timer.cancel()
+        self._timer = None
+        await self._flush(closes=True)
+        if self.stream._segments and not self.stream.speaking:
+            self.stopped()  # another segment closed meanwhile: it gets its own wait
+
+    async def _flush(self, *, closes: bool) -> None:
+        text, language = " ".join(self.texts), self.language
+        self.texts, self.language = [], None
+        await self.stream.publish(text, True, language, closes=closes)
+
+    async def _expire(self) -> None:
+        await asyncio.sleep(self.wait_s)
+        if self.stream._segments:
+            await self.close()
+        else:
+            self._timer = None
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class SttWorker(Service):
@@ -187,6 +271,8 @@ class SttWorker(Service):
         super().__init__(settings)
         self.streams: dict[str, SessionStream] = {}
         self.idle_release_s = idle_release_s
+        self.provider = stt_provider(self.settings)
+        """A remote Pipecat service's class and checked settings; None: local Whisper."""
 
     def sessions(self) -> list[str]:
         return sorted(self.streams)

@@ -1,4 +1,5 @@
-"""Builds the TTS worker's Pipecat service (Piper by default, from a local voice file)."""
+"""Builds the TTS worker's Pipecat service: Piper by default, from a local voice file, or the
+remote provider ``VOXBUS_TTS_SERVICE`` names (services/providers.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from pipecat.services.tts_service import TTSService
 from piper import PiperVoice
 from piper.config import PiperConfig
 
+from services import providers
+from services.providers import Built
 from voxbus.config import Settings
 
 
@@ -69,6 +72,37 @@ def voice_path(settings: Settings, voice: str | None = None) -> Path:
     if not path.is_file():
         raise UnknownVoice(f"no Piper voice model at {path}")
     return path
+
+
+def tts_provider(settings: Settings) -> Built | None:
+    """The remote provider ``VOXBUS_TTS_SERVICE`` names, checked and imported (None: Piper).
+    Called once per worker, at start."""
+    provider = providers.chosen("tts", settings.tts_service)
+    return providers.load(provider) if provider is not None else None
+
+
+def voice_key(settings: Settings, provider: Built | None, voice: str | None) -> Path | str:
+    """What identifies a request's voice: Piper's voice file (:func:`voice_path`), or the
+    provider's voice id. A provider's id is still the bus's word, so it must look like a
+    voice name, never a path; empty is the configured voice (or the provider's default)."""
+    if provider is None:
+        return voice_path(settings, voice)
+    if not voice:
+        return ""
+    if not _VOICE_NAME.match(voice) or ".." in voice:
+        raise VoiceNotAllowed(f"voice {voice[:80]!r} is not a voice name (a provider's voice "
+                              "id: letters, digits, _ . -)")
+    return voice
+
+
+def service_for(key: Path | str, provider: Built | None, settings: Settings,
+                like: TTSService | None = None) -> TTSService:
+    """One more service instance on the voice ``key`` names (see :func:`voice_key`)."""
+    if provider is None:
+        return tts_service_for(key, like)
+    service = provider.make(voice=key or None)
+    providers.openai_client_options(service, settings.provider_timeout_s)
+    return service
 
 
 def make_tts_service(settings: Settings, voice: str | None = None) -> TTSService:

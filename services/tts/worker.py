@@ -11,15 +11,16 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from nats.aio.msg import Msg
+from pipecat.audio.resamplers.soxr_stream_resampler import SOXRStreamAudioResampler
 from pipecat.frames.frames import ErrorFrame, TTSAudioRawFrame
 from pipecat.services.tts_service import TTSService
 
-from services.tts.engine import tts_service_for, voice_path
+from services.tts.engine import service_for, tts_provider, voice_key
 from voxbus.errors import Full
 from voxbus.metrics import QUEUE_DEPTH, TTS_TTFA
 from voxbus.pipecat_host import HostedPipeline
@@ -37,6 +38,9 @@ however many of its instances run)."""
 START_TIMEOUT_S = 30.0
 """How long a new service instance's pipeline may take to start before the sentence fails."""
 
+BUS_RATE = 16000
+"""Audio on the bus is 16 kHz; a provider's other rate (OpenAI's 24 kHz) is resampled."""
+
 
 
 @dataclass
@@ -49,18 +53,25 @@ class _Instance:
 class VoicePool:
     """One voice's service instances: one per sentence in progress, all on one loaded model."""
 
-    path: Path
+    key: Path | str
+    """Piper's voice file, or a provider's voice id ("": the configured one)."""
+    make: Callable[[TTSService | None], TTSService]
+    """One more instance (given one already made, to share its loaded model)."""
     idle: list[_Instance] = field(default_factory=list)
     instances: list[_Instance] = field(default_factory=list)
     busy: int = 0
 
+    @property
+    def name(self) -> str:
+        return (self.key.stem if isinstance(self.key, Path) else self.key) or "default"
+
     async def grow(self) -> _Instance:
         """One more instance, its pipeline started: its service knows its output rate."""
         like = self.instances[0].service if self.instances else None
-        service = await asyncio.to_thread(tts_service_for, self.path, like)
+        service = await asyncio.to_thread(self.make, like)
         # Hosting the service in a pipeline runs its setup/start (sample rate, metrics).
-        host = HostedPipeline([service], name=f"tts-{self.path.stem}-{len(self.instances)}",
-                              out_sample_rate=16000)
+        host = HostedPipeline([service], name=f"tts-{self.name}-{len(self.instances)}",
+                              out_sample_rate=BUS_RATE)
         started = asyncio.Event()
 
         @host.worker.event_handler("on_pipeline_started")
@@ -74,7 +85,7 @@ class VoicePool:
             await asyncio.wait_for(started.wait(), START_TIMEOUT_S)
         except TimeoutError:
             await host.stop()
-            raise RuntimeError(f"the TTS pipeline for {self.path.stem} did not start within "
+            raise RuntimeError(f"the TTS pipeline for {self.name} did not start within "
                                f"{START_TIMEOUT_S:g} s") from None
         instance = _Instance(service, host)
         self.instances.append(instance)
@@ -112,9 +123,11 @@ class TtsWorker(Service):
                                    name=self.worker_id,
                                    depth=QUEUE_DEPTH.labels(self.stage.value))
         """Sentences run at once up to capacity, a few more wait; the rest go elsewhere."""
-        self.voices: dict[Path, VoicePool] = {}
+        self.voices: dict[Path | str, VoicePool] = {}
         """Loaded voices, the default first; agents name others in TtsRequest.voice."""
         self._loading = asyncio.Lock()
+        self.provider = tts_provider(self.settings)
+        """A remote Pipecat service's class and checked settings; None: local Piper."""
 
     async def on_start(self) -> None:
         # The default voice is ready for a full replica's sentences before it takes work.
@@ -129,15 +142,16 @@ class TtsWorker(Service):
         return [i.service for pool in self.voices.values() for i in pool.instances]
 
     async def _voice(self, name: str | None) -> VoicePool:
-        path = await asyncio.to_thread(voice_path, self.settings, name)
-        if path in self.voices:
-            return self.voices[path]
+        key = await asyncio.to_thread(voice_key, self.settings, self.provider, name)
+        if key in self.voices:
+            return self.voices[key]
         async with self._loading:  # one load per voice, however many ask at once
-            pool = self.voices.get(path)
+            pool = self.voices.get(key)
             if pool is None:
-                pool = VoicePool(path)
+                pool = VoicePool(key, lambda like, key=key: service_for(
+                    key, self.provider, self.settings, like))
                 pool.idle.append(await pool.grow())
-                self.voices[path] = pool
+                self.voices[key] = pool
                 await self._evict()
         return pool
 
@@ -145,11 +159,11 @@ class TtsWorker(Service):
         """Past MAX_VOICES, drop the oldest voices nobody is using (never the default); a voice
         in use stays until a later load finds it idle."""
         default = next(iter(self.voices))
-        for path, pool in list(self.voices.items()):
+        for key, pool in list(self.voices.items()):
             if len(self.voices) <= MAX_VOICES:
                 return
-            if path != default and not pool.busy:
-                del self.voices[path]
+            if key != default and not pool.busy:
+                del self.voices[key]
                 await pool.stop()
 
     async def _on_request(self, frame: Frame, msg: Msg) -> None:
@@ -194,20 +208,36 @@ class TtsWorker(Service):
                 return
             # (no await between the pool's lookup and its instance() counting us busy: an
             # eviction in between cannot stop the pool under us)
+            # Per sentence: a stream resampler carries one stream's state. Never cleared on a
+            # pause (Pipecat's default clears after 0.2 s, and a provider's chunks can be
+            # further apart), and flushed at the end: its window holds the sentence's tail.
+            resampler: SOXRStreamAudioResampler | None = None
+
+            async def send(pcm: bytes) -> None:
+                nonlocal ttfa, count
+                if ttfa is None:
+                    ttfa = time.monotonic() - started
+                    TTS_TTFA.labels(self.stage.value).observe(ttfa)
+                await self.bus.publish(reply, TtsAudio(turn=req.turn, index=req.index, seq=count,
+                                                       sample_rate=BUS_RATE, pcm=pcm))
+                count += 1
+
             async with (pool.instance() as service,
                         contextlib.aclosing(service.run_tts(
                             req.text, f"{req.session}-{req.turn}-{req.index}")) as frames):
                 async for out in frames:
                     if isinstance(out, TTSAudioRawFrame) and out.audio:
-                        if ttfa is None:
-                            ttfa = time.monotonic() - started
-                            TTS_TTFA.labels(self.stage.value).observe(ttfa)
-                        await self.bus.publish(reply, TtsAudio(
-                            turn=req.turn, index=req.index, seq=count,
-                            sample_rate=out.sample_rate, pcm=out.audio))
-                        count += 1
+                        pcm = out.audio
+                        if out.sample_rate != BUS_RATE:
+                            resampler = resampler or SOXRStreamAudioResampler(
+                                clear_after_secs=None)
+                            pcm = await resampler.resample(pcm, out.sample_rate, BUS_RATE)
+                        if pcm:  # (empty: the resampler is still filling its window)
+                            await send(pcm)
                     elif isinstance(out, ErrorFrame):
                         error = out.error
+            if resampler is not None and (tail := await resampler.flush()):
+                await send(tail)
         except asyncio.CancelledError:
             error = "cancelled"
             raise
