@@ -89,6 +89,11 @@ PROVIDERS: dict[tuple[str, str], Provider] = {(p.stage, p.name): p for p in (
     Provider("openai", "stt", "pipecat.services.openai.stt:OpenAISTTService", "openai",
              _stage_opts("stt", key=("OPENAI_API_KEY",), base_url=("OPENAI_BASE_URL",),
                          language=True), keyless_with_base_url=True),
+    Provider("openai-realtime", "stt",
+             "pipecat.services.openai.stt:OpenAIRealtimeSTTService", "openai",
+             # A WebSocket URL (wss://api.openai.com/v1/realtime): never OPENAI_BASE_URL.
+             _stage_opts("stt", key=("OPENAI_API_KEY",), base_url=("OPENAI_REALTIME_URL",),
+                         language=True), keyless_with_base_url=True),
     Provider("groq", "stt", "pipecat.services.groq.stt:GroqSTTService", "groq",
              _stage_opts("stt", key=("GROQ_API_KEY",), language=True)),
     Provider("deepgram", "stt", "pipecat.services.deepgram.stt:DeepgramSTTService", "deepgram",

@@ -9,7 +9,10 @@ The audio API too, when given the functions that do the work: ``/v1/audio/transc
 model) and ``/v1/audio/speech`` (``speak(text)`` returns 24 kHz PCM16, the rate OpenAI documents
 for ``response_format=pcm``, streamed in chunks). ``audio_faults`` are steps (an HTTP error, a
 delay) the next audio requests take first; every audio request is recorded, with what its
-upload really held.
+upload really held. ``/v1/realtime`` is the Realtime API's transcription session over a
+WebSocket (a streaming provider): appended 24 kHz audio is transcribed on each commit, sent
+back as word deltas and a completed transcript (``realtime_split``: two completed items per
+commit, as a provider that ends segments on its own does).
 """
 
 from __future__ import annotations
@@ -50,6 +53,11 @@ class ScriptedOpenAI:
         """Each upload: its form fields, and the WAV's ``rate``, ``channels``, ``width`` and
         ``seconds`` as parsed here (an upload that is no WAV has ``error``)."""
         self.speeches: list[dict] = []
+        self.realtime_split = False
+        self.commits: list[dict] = []
+        """Each realtime commit: the ``seconds`` of 24 kHz audio it held and its ``text``."""
+        self.sessions: list[dict] = []
+        """Each realtime ``session.update``'s session."""
         self.spoken: list[bytes] = []
         """The audio each successful speech request was answered with, in order."""
         self._runner: web.AppRunner | None = None
@@ -60,6 +68,7 @@ class ScriptedOpenAI:
         app.router.add_post("/v1/chat/completions", self._complete)
         app.router.add_post("/v1/audio/transcriptions", self._transcription)
         app.router.add_post("/v1/audio/speech", self._speech)
+        app.router.add_get("/v1/realtime", self._realtime)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -155,6 +164,12 @@ class ScriptedOpenAI:
             return web.json_response({"text": text})
         return web.Response(text=text)
 
+    async def _realtime(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await _realtime_events(self, ws)
+        return ws
+
     async def _speech(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.speeches.append(body)
@@ -177,3 +192,47 @@ class ScriptedOpenAI:
 def _error(status: int, message: str, kind: str) -> web.Response:
     return web.json_response({"error": {"message": message, "type": kind, "code": kind}},
                              status=status)
+
+
+async def _realtime_events(server: ScriptedOpenAI, ws: web.WebSocketResponse) -> None:
+    import base64
+
+    import numpy as np
+
+    await ws.send_json({"type": "session.created", "session": {}})
+    audio = bytearray()
+    item = 0
+    async for msg in ws:
+        if msg.type != web.WSMsgType.TEXT:
+            continue
+        event = json.loads(msg.data)
+        kind = event.get("type")
+        if kind == "session.update":
+            server.sessions.append(event.get("session", {}))
+            await ws.send_json({"type": "session.updated", "session": event.get("session")})
+        elif kind == "input_audio_buffer.append":
+            audio += base64.b64decode(event["audio"])
+        elif kind == "input_audio_buffer.clear":
+            audio.clear()
+        elif kind == "input_audio_buffer.commit":
+            pcm24, audio = bytes(audio), bytearray()
+            record = {"seconds": len(pcm24) / 2 / 24000}
+            server.commits.append(record)
+            x = np.frombuffer(pcm24, np.int16).astype(np.float32)
+            n = int(len(x) * 16000 / 24000)
+            pcm16 = np.interp(np.linspace(0, len(x) - 1, n), np.arange(len(x)), x).astype(
+                np.int16).tobytes() if len(x) else b""
+            text = await asyncio.to_thread(server.transcribe, pcm16, 16000) if pcm16 else ""
+            record["text"] = text
+            words = text.split()
+            parts = ([" ".join(words[:len(words) // 2]), " ".join(words[len(words) // 2:])]
+                     if server.realtime_split and len(words) > 1 else [text])
+            for part in parts:
+                item += 1
+                for word in part.split():
+                    await ws.send_json({
+                        "type": "conversation.item.input_audio_transcription.delta",
+                        "item_id": f"item_{item}", "delta": word + " "})
+                await ws.send_json({
+                    "type": "conversation.item.input_audio_transcription.completed",
+                    "item_id": f"item_{item}", "transcript": part})

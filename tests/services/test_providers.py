@@ -311,3 +311,53 @@ def test_bad_language_and_bad_name_stop_the_start(monkeypatch):
     with pytest.raises(SettingsError) as e:
         Settings()
     assert "VOXBUS_TTS_SERVICE='open ai' is not a service name" in e.value.message
+
+
+# --- a streaming provider: the Realtime API's transcription session over a WebSocket -----
+
+
+@pytest.fixture
+def realtime(remote, endpoint, monkeypatch) -> Settings:
+    monkeypatch.setenv("VOXBUS_STT_BASE_URL",
+                       endpoint.base_url.replace("http://", "ws://") + "/realtime")
+    return replace(remote, stt_service="openai-realtime", stt_final_wait_s=2.0)
+
+
+async def test_a_streaming_provider_gives_one_final_per_segment(realtime, bus, endpoint, speak):
+    """Pipecat's OpenAIRealtimeSTTService streams the audio and gets deltas and completed
+    transcripts when the provider sends them, not one per segment; here the provider ends two
+    items per commit (``realtime_split``). Each VAD segment still gets one final transcript,
+    all of its words, naming its own stop; the deltas go out as interim transcripts."""
+    from pipecat.services.openai.stt import OpenAIRealtimeSTTService
+
+    endpoint.realtime_split = True
+    first = read_wav(speak("I would like to book a table."))
+    second = read_wav(speak("For four people tomorrow evening."))
+    heard = Heard()
+    interims: list[Transcript] = []
+
+    async def on_interim(frame, _msg):
+        if isinstance(frame, Transcript) and not frame.final:
+            interims.append(frame)
+
+    async with SttWorker(realtime) as worker:
+        assert issubclass(worker.provider.cls, OpenAIRealtimeSTTService)
+        await heard.watch(bus, "r1")
+        await bus.subscribe(bus.subjects.event("r1", Event.TRANSCRIPT), on_interim)
+        await claim(bus, "r1")
+        stop1 = await utter(bus, "r1", first, 0)
+        one = await heard.next()
+        stop2 = await utter(bus, "r1", second, stop1 + 1)
+        two = await heard.next()
+        await asyncio.sleep(0.5)
+    assert one.seq == stop1 and {"book", "table"} <= words(one.text), one
+    assert two.seq == stop2 and {"people", "tomorrow", "evening"} <= words(two.text), two
+    assert heard.finals.empty(), "one final per segment, not one per provider item"
+    assert len(endpoint.commits) == 2, endpoint.commits
+    assert all(" " in c["text"] for c in endpoint.commits)  # so each commit was two items
+    assert interims and all(t.seq == 0 for t in interims)
+    # The provider heard the session's audio at its own 24 kHz rate, up to the VAD's stop.
+    assert abs(endpoint.commits[0]["seconds"] - (duration_s(first) + 0.4)) < 0.15, (
+        endpoint.commits[0], duration_s(first))
+    (session,) = endpoint.sessions
+    assert session["audio"]["input"]["format"] == {"type": "audio/pcm", "rate": 24000}
