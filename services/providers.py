@@ -118,6 +118,20 @@ PROVIDERS: dict[tuple[str, str], Provider] = {(p.stage, p.name): p for p in (
     Provider("azure", "tts", "pipecat.services.azure.tts:AzureTTSService", "azure",
              _stage_opts("tts", key=("AZURE_SPEECH_KEY", "AZURE_SPEECH_API_KEY"), model=False,
                          voice=True, extra=(_AZURE_REGION,)), sample_rate=24000),
+    # --- LLM: Pipecat's OpenAI-compatible services (the worker relays their stream) --------
+    *(Provider(name, "llm", f"pipecat.services.{module}.llm:{cls}", extra,
+               _stage_opts("llm", key=(key,), base_url=("VOXBUS_LLM_BASE_URL",), model=False,
+                           extra=(Option("model", ("VOXBUS_LLM_MODEL",), setting=True),)))
+      for name, module, cls, extra, key in (
+          ("groq", "groq", "GroqLLMService", "groq", "GROQ_API_KEY"),
+          ("together", "together", "TogetherLLMService", "together", "TOGETHER_API_KEY"),
+          ("openrouter", "openrouter", "OpenRouterLLMService", "openrouter",
+           "OPENROUTER_API_KEY"),
+          ("deepseek", "deepseek", "DeepSeekLLMService", "deepseek", "DEEPSEEK_API_KEY"),
+          ("fireworks", "fireworks", "FireworksLLMService", "fireworks", "FIREWORKS_API_KEY"),
+          ("cerebras", "cerebras", "CerebrasLLMService", "cerebras", "CEREBRAS_API_KEY"),
+          ("mistral", "mistral", "MistralLLMService", "mistral", "MISTRAL_API_KEY"),
+      )),
 )}
 
 

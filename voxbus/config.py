@@ -410,6 +410,9 @@ class Settings:
     """The STT stage's Pipecat service: ``local`` (Whisper) or a provider's name."""
     tts_service: str = field(default_factory=lambda: _service_name("VOXBUS_TTS_SERVICE"))
     """The TTS stage's Pipecat service: ``local`` (Piper) or a provider's name."""
+    llm_service: str = field(default_factory=lambda: _service_name("VOXBUS_LLM_SERVICE"))
+    """The LLM stage's Pipecat service: ``local`` (OpenAILLMService on ``OPENAI_BASE_URL``)
+    or an OpenAI-compatible provider's (``groq``, ``together``, ...)."""
     provider_timeout_s: float = field(
         default_factory=lambda: _seconds("VOXBUS_PROVIDER_TIMEOUT_S", 10.0))
     """One request to a remote provider (a segment's transcription, a sentence's first audio

@@ -8,10 +8,28 @@ from pipecat.adapters.llm.schemas.function_schema import FunctionSchema
 from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.services.openai.llm import OpenAILLMService
 
+from services import providers
+from services.providers import Built
 from voxbus.config import Settings
 
 
-def make_llm_service(settings: Settings, base_url: str) -> OpenAILLMService:
+def llm_provider(settings: Settings) -> Built | None:
+    """The provider ``VOXBUS_LLM_SERVICE`` names, checked and imported (None: the
+    OpenAI-compatible endpoint at ``OPENAI_BASE_URL``). Called once per worker, at start."""
+    provider = providers.chosen("llm", settings.llm_service)
+    return providers.load(provider) if provider is not None else None
+
+
+def make_llm_service(settings: Settings, base_url: str,
+                     provider: Built | None = None) -> OpenAILLMService:
+    """``provider``: one of Pipecat's OpenAI-compatible services (Groq's, Together's, ...),
+    which keep their own base URL, model and request shaping; the worker relays its stream
+    the same way. The sampling settings are the request's either way."""
+    if provider is not None:
+        service = provider.make(max_tokens=settings.llm_max_tokens,
+                                temperature=settings.llm_temperature)
+        service._client = service._client.with_options(max_retries=0)
+        return service
     service = OpenAILLMService(
         api_key=settings.openai_api_key or "sk-local",
         base_url=base_url,

@@ -17,7 +17,12 @@ from nats.aio.msg import Msg
 from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.services.openai.llm import OpenAILLMService
 
-from services.llm.engine import context_from_wire, has_developer_messages, make_llm_service
+from services.llm.engine import (
+    context_from_wire,
+    has_developer_messages,
+    llm_provider,
+    make_llm_service,
+)
 from voxbus.errors import Full
 from voxbus.metrics import LLM_TTFT, QUEUE_DEPTH
 from voxbus.runner import Service
@@ -37,8 +42,10 @@ class LlmWorker(Service):
 
     def __init__(self, settings=None, *, base_url: str | None = None):
         super().__init__(settings)
+        self.provider = llm_provider(self.settings)
+        """One of Pipecat's OpenAI-compatible services, checked; None: ``base_url``'s."""
         self.base_url = base_url or self.settings.openai_base_url
-        if not self.base_url:
+        if not self.base_url and self.provider is None:
             raise SystemExit("OPENAI_BASE_URL is not set (voxbus up starts a local endpoint)")
         self.tasks = TurnTasks()
         self.admission = Admission(self.declared_capacity, self.settings.queue_max,
@@ -49,7 +56,7 @@ class LlmWorker(Service):
         """Whether the endpoint takes ``developer`` messages; learnt on its first refusal."""
 
     async def on_start(self) -> None:
-        self.service = make_llm_service(self.settings, self.base_url)
+        self.service = make_llm_service(self.settings, self.base_url, self.provider)
         self._default = (float(self.settings.llm_temperature), int(self.settings.llm_max_tokens))
         self._services = {self._default: self.service}
         await self.subscribe(self.subjects.work(self.stage), self._on_request, work=True)
@@ -163,7 +170,8 @@ class LlmWorker(Service):
             if len(self._services) >= MAX_SERVICES:  # agents' combinations, not unbounded
                 del self._services[next(k for k in self._services if k != self._default)]
             service = make_llm_service(replace(
-                self.settings, llm_temperature=key[0], llm_max_tokens=key[1]), self.base_url)
+                self.settings, llm_temperature=key[0], llm_max_tokens=key[1]), self.base_url,
+                self.provider)
             service.supports_developer_role = self.developer_role
             self._services[key] = service
         return self._services[key]

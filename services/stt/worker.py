@@ -73,10 +73,11 @@ class SessionStream:
         """A streaming provider's finals are not one per segment: see :class:`_Finals`."""
         self._finals = _Finals(self, worker.settings.stt_final_wait_s or min(
             3.0, getattr(self.stt, "_ttfs_p99_latency", None) or 1.0))
-        # Upstream of the service: its error frames (a provider's 401, 500, timeout) go up.
-        errors = FrameTap((ErrorFrame,), self._on_error)
+        # A provider's error frames (401, 500, timeout) go upstream: a tap before it says them
+        # on the session. Whisper's pipeline stays as it was (it reports its own failures).
+        errors = [FrameTap((ErrorFrame,), self._on_error)] if worker.provider else []
         self.pipeline = HostedPipeline(
-            [errors, self.stt, tap], name=f"stt-{session}", sample_rate=sample_rate
+            [*errors, self.stt, tap], name=f"stt-{session}", sample_rate=sample_rate
         )
         self._subs = []
 

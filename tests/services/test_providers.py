@@ -361,3 +361,53 @@ async def test_a_streaming_provider_gives_one_final_per_segment(realtime, bus, e
         endpoint.commits[0], duration_s(first))
     (session,) = endpoint.sessions
     assert session["audio"]["input"]["format"] == {"type": "audio/pcm", "rate": 24000}
+
+
+# --- the LLM stage on one of Pipecat's OpenAI-compatible provider services ---------------
+
+
+async def test_llm_stage_on_a_provider_service(settings, bus, monkeypatch):
+    """VOXBUS_LLM_SERVICE=groq: Pipecat's GroqLLMService (its own request shaping) drives the
+    stage, here pointed at the scripted endpoint; a provider's 500 fails that request only."""
+    from pipecat.services.groq.llm import GroqLLMService
+
+    from services.llm.worker import LlmWorker
+    from tests.services.test_llm import _collect
+    from voxbus.errors import StageFailed
+    from voxbus.wire import LlmRequest
+
+    server = await ScriptedOpenAI([Step(text="Bonjour from Groq."), Step(status=500),
+                                   Step(text="Still here.")]).start()
+    monkeypatch.setenv("GROQ_API_KEY", "gsk-test")
+    monkeypatch.setenv("VOXBUS_LLM_BASE_URL", server.base_url)
+    monkeypatch.setenv("VOXBUS_LLM_MODEL", "llama-3.1-8b-instant")
+    monkeypatch.delenv("VOXBUS_LLM_API_KEY", raising=False)
+    try:
+        async with LlmWorker(replace(settings, llm_service="groq", openai_base_url="")) as w:
+            assert isinstance(w.service, GroqLLMService)
+            texts = []
+            for turn in (1, 2, 3):
+                request = LlmRequest(session="g1", turn=turn,
+                                     messages=[{"role": "user", "content": "Hi"}])
+                try:
+                    deltas, done = await _collect(bus, "g1", turn, request)
+                    texts.append(("".join(d.text for d in deltas), done.error))
+                except StageFailed as e:  # an error before any delta: the caller's failure
+                    texts.append(("", str(e)))
+    finally:
+        await server.stop()
+    assert texts[0] == ("Bonjour from Groq.", None), texts
+    assert texts[1][0] == "" and "500" in texts[1][1], texts
+    assert texts[2] == ("Still here.", None), texts
+    assert [r["model"] for r in server.requests] == ["llama-3.1-8b-instant"] * 3
+
+
+def test_an_llm_provider_needs_its_key(monkeypatch):
+    from services.llm.engine import llm_provider
+
+    for name in ("VOXBUS_LLM_API_KEY", "GROQ_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    assert llm_provider(replace(Settings(), llm_service="local")) is None
+    with pytest.raises(SettingsError) as e:
+        llm_provider(replace(Settings(), llm_service="groq"))
+    assert "VOXBUS_LLM_SERVICE=groq needs VOXBUS_LLM_API_KEY or GROQ_API_KEY" in e.value.message
