@@ -411,3 +411,21 @@ def test_an_llm_provider_needs_its_key(monkeypatch):
     with pytest.raises(SettingsError) as e:
         llm_provider(replace(Settings(), llm_service="groq"))
     assert "VOXBUS_LLM_SERVICE=groq needs VOXBUS_LLM_API_KEY or GROQ_API_KEY" in e.value.message
+
+
+async def test_a_streaming_provider_that_is_down_is_said_and_segments_still_close(
+        remote, bus, speak, monkeypatch):
+    """Nothing listens at the provider's URL: the connection's failure is an ErrorEvent on
+    the session, and the segment still gets its (empty) final transcript after the wait, so
+    the orchestrator's turn is not left hanging on it."""
+    monkeypatch.setenv("VOXBUS_STT_BASE_URL", "ws://127.0.0.1:9/v1/realtime")
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
+    s = replace(remote, stt_service="openai-realtime", stt_final_wait_s=1.0)
+    heard = Heard()
+    async with SttWorker(s):
+        await heard.watch(bus, "r2")
+        await claim(bus, "r2")
+        stop = await utter(bus, "r2", read_wav(speak("Hello there.")), 0)
+        transcript = await heard.next()
+    assert (transcript.text, transcript.seq) == ("", stop), transcript
+    assert heard.errors and all(e.code == "stt_provider" for e in heard.errors), heard.errors
