@@ -93,6 +93,15 @@ class AgentAudioTrack(PacedTrack):
     def queued_s(self) -> float:
         return len(self._buffer) / 2 / WIRE_RATE
 
+    def handover(self) -> AgentAudioTrack:
+        """A new track for a new peer connection, with what this one had left to play (aiortc
+        stops a track when the sender it was on stops, so a track is never moved)."""
+        track = AgentAudioTrack(on_playing=self._on_playing, on_drained=self._on_drained)
+        track._prebuffer, track._playing = self._prebuffer, self._playing
+        track._buffer, self._buffer = self._buffer, bytearray()
+        track.frames_played, track.underruns = self.frames_played, self.underruns
+        return track
+
     def write(self, pcm: bytes) -> None:
         self._buffer += pcm
 

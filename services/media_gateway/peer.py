@@ -72,30 +72,64 @@ class PeerSession(BusSession):
         """Apply the browser's offer, start the session on the bus, return our answer."""
         pc = self.pc
 
+        self._wire(pc)
+        await self._accept(pc, sdp, kind)
+        pc.addTrack(self.outbound)
+        await self.start_on_bus()
+        await pc.setLocalDescription(await pc.createAnswer())
+        return pc.localDescription
+
+    def _wire(self, pc: RTCPeerConnection) -> None:
+        """This session's handlers on one of its peer connections; an old one (replaced by a
+        restart) closing is not the session's end."""
+
         @pc.on("datachannel")
         def _on_channel(channel):
-            self.channel = channel
-            self.channel_opened(channel)
+            if pc is self.pc:
+                self.channel = channel
+                self.channel_opened(channel)
 
         @pc.on("track")
         def _on_track(track):
             if track.kind == "audio":
-                self.spawn(self._pump_inbound(track))
+                self.spawn(self._pump_inbound(pc, track))
 
         @pc.on("connectionstatechange")
         async def _on_state():
-            if pc.connectionState in ("failed", "closed"):
+            if pc is self.pc and pc.connectionState in ("failed", "closed"):
                 await self.close(f"connection {pc.connectionState}")
 
+    async def _accept(self, pc: RTCPeerConnection, sdp: str, kind: str) -> None:
         await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=kind))
         for transceiver in pc.getTransceivers():
             _tune_jitter_buffer(transceiver.receiver, self.gateway.settings.gateway_jitter_frames)
         if not any(t.kind == "audio" for t in
                    (tr.receiver.track for tr in pc.getTransceivers() if tr.receiver.track)):
             raise ValueError("the offer has no audio track: the agent needs a microphone")
-        pc.addTrack(self.outbound)
-        await self.start_on_bus()
-        await pc.setLocalDescription(await pc.createAnswer())
+
+    async def restart(self, sdp: str, kind: str) -> RTCSessionDescription:
+        """A new peer connection for this session (Pipecat's client reconnecting after its ICE
+        failed): the bus session, its turn and the agent's queued audio carry over.
+
+        The offer is checked before the old connection goes; once it has, a new one that
+        cannot be set up ends the session (the caller answers 400)."""
+        offered = SessionDescription.parse(sdp)
+        if kind != "offer" or not any(m.kind == "audio" for m in offered.media):
+            raise ValueError("the offer has no audio track: the agent needs a microphone")
+        old, pc = self.pc, RTCPeerConnection(self.gateway.rtc_configuration())
+        self.pc, self.channel = pc, None
+        # The old connection's sender stops its track when it goes: a new one takes the audio.
+        self.outbound = self.outbound.handover()
+        with contextlib.suppress(Exception):
+            await old.close()
+        self._wire(pc)
+        try:
+            await self._accept(pc, sdp, kind)
+            pc.addTrack(self.outbound)
+            await pc.setLocalDescription(await pc.createAnswer())
+        except Exception:
+            await self.close("peer connection restart failed")
+            raise
         return pc.localDescription
 
     async def renegotiate(self, sdp: str, kind: str) -> RTCSessionDescription:
@@ -131,13 +165,14 @@ class PeerSession(BusSession):
 
     # --- browser → bus ----------------------------------------------------------------
 
-    async def _pump_inbound(self, track) -> None:
+    async def _pump_inbound(self, pc: RTCPeerConnection, track) -> None:
         resampler = InboundResampler()
         while not self.closed.is_set():
             try:
                 frame = await track.recv()
             except MediaStreamError:
-                await self.close("browser audio ended")
+                if pc is self.pc:  # not a connection a restart replaced
+                    await self.close("browser audio ended")
                 return
             for pcm in resampler.push(frame):
                 await self.send_audio(pcm)

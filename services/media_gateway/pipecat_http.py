@@ -144,7 +144,7 @@ class PipecatSignaling:
     async def offer(self, request: web.Request, body: dict,
                     start_id: str | None) -> web.Response:
         """A Pipecat client's offer: the first on a ``sessionId`` starts the session, one
-        naming a ``pc_id`` renegotiates that peer connection."""
+        naming a ``pc_id`` renegotiates that peer connection (``restart_pc``: replaces it)."""
         gateway = self.gateway
         if gateway.draining:
             return _error(503, "gateway is draining; try another replica")
@@ -161,15 +161,14 @@ class PipecatSignaling:
             peer = self.by_pc.get(offer.pc_id)
             if peer is None or (start_id is not None and peer.start_id != start_id):
                 return _error(404, f"no peer connection {_shown(offer.pc_id)} here")
-            if offer.restart_pc:
-                # A new RTCPeerConnection for a live session is not carried over (yet):
-                # the client starts a new session instead.
-                return _error(409, "voxbus does not restart a peer connection; call /start "
-                                   "for a new session")
             try:
-                answer = await peer.renegotiate(offer.sdp, offer.type)
-            except Exception as e:  # a bad renegotiation offer: this peer stays as it was
-                log.warning("refused renegotiation of %s: %s: %s", peer.session,
+                if offer.restart_pc:  # the client's new RTCPeerConnection for this session
+                    answer = await peer.restart(offer.sdp, offer.type)
+                else:
+                    answer = await peer.renegotiate(offer.sdp, offer.type)
+            except Exception as e:  # a bad offer: refused (a failed restart ended the session)
+                log.warning("refused %s of %s: %s: %s",
+                            "restart" if offer.restart_pc else "renegotiation", peer.session,
                             type(e).__name__, e)
                 return _error(400, f"cannot accept this offer: {type(e).__name__}: {e}")
             return web.json_response({"sdp": answer.sdp, "type": answer.type,

@@ -152,7 +152,7 @@ async def test_closed_gateway_checks_the_app_servers_token_at_start(settings):
 
 @pytest.mark.slow
 async def test_rtvi_turn_over_trickled_ice(gateway, stages, speech_wav):
-    peer = Peer()
+    peer, first = Peer(), None
     sdp, candidates = await peer.offer(trickle=True)
     assert candidates and "a=candidate" not in sdp
     try:
@@ -188,9 +188,6 @@ async def test_rtvi_turn_over_trickled_ice(gateway, stages, speech_wav):
         status, again = await _call(gateway, "POST", "/api/offer", offer)
         assert status == 200 and again["pc_id"] == answer["pc_id"], again
         await peer.pc.setRemoteDescription(RTCSessionDescription(again["sdp"], again["type"]))
-        status, refused = await _call(gateway, "POST", "/api/offer",
-                                      {**offer, "restart_pc": True})
-        assert status == 409 and "/start" in refused["error"], refused
         status, refused = await _call(gateway, "POST", "/api/offer", {**offer, "sdp": "garbage"})
         assert status == 400, refused
         status, refused = await _call(gateway, "PATCH", "/api/offer", {
@@ -203,6 +200,21 @@ async def test_rtvi_turn_over_trickled_ice(gateway, stages, speech_wav):
                                       "data": {"content": "hi"}}))
         assert await peer.wait_for(lambda: peer.rtvi("error-response"), 5), peer.messages
         assert peer.rtvi("error-response")[0]["id"] == "t1"
+
+        # restart_pc, as the SDK reconnects after its ICE failed: a new peer connection for
+        # the same pc_id, and the session (and the conversation) goes on over it.
+        first, peer = peer, Peer()
+        restart_sdp, _ = await peer.offer()
+        status, restarted = await _call(gateway, "POST", "/api/offer", {
+            "sdp": restart_sdp, "type": "offer", "pc_id": answer["pc_id"], "restart_pc": True})
+        assert status == 200 and restarted["pc_id"] == answer["pc_id"], restarted
+        await peer.pc.setRemoteDescription(RTCSessionDescription(restarted["sdp"],
+                                                                 restarted["type"]))
+        await first.pc.close()
+        assert await peer.wait_for(lambda: peer.channel.readyState == "open", 10)
+        await asyncio.sleep(0.5)
+        assert gateway.sessions() == [grant.session]
+        assert stages.orchestrator.sessions() == [grant.session]
 
         peer.mic.say(read_wav(speech_wav))
         assert await peer.wait_for(lambda: any(
@@ -225,3 +237,5 @@ async def test_rtvi_turn_over_trickled_ice(gateway, stages, speech_wav):
         assert gateway.pipecat.by_pc == {}
     finally:
         await peer.pc.close()
+        if first is not None:
+            await first.pc.close()
