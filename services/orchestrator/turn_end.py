@@ -83,6 +83,10 @@ class WordsAndAudioTurnStop(TurnAnalyzerUserTurnStopStrategy):
         self._turn_text = ""
         """Every finalized transcript of this turn, in order: what the LLM will be given."""
         self._words_timer: asyncio.Task | None = None
+        self._words_deadline = 0.0
+        """When the running words timer ends the turn (time.time())."""
+        self._analysis: asyncio.Task | None = None
+        """Smart Turn's verdict on the segment that just ended, being worked out."""
         self._speculation: UserTurnSpeculation | None = None
         self._register_event_handler("on_speculation_confirmed", sync=True)
         """The turn ended as speculated: the held answer is the turn's answer."""
@@ -110,7 +114,31 @@ class WordsAndAudioTurnStop(TurnAnalyzerUserTurnStopStrategy):
 
     async def _discard_pending_end_of_turn(self) -> None:
         await self._cancel_words_timer()
+        await self._cancel_analysis()  # a verdict on speech the user has since gone on from
         await super()._discard_pending_end_of_turn()
+
+    async def _handle_vad_user_stopped_speaking(self, frame: VADUserStoppedSpeakingFrame):
+        # Smart Turn's inference takes 0.1-0.15 s on two busy cores, and Pipecat awaits it
+        # inline: every frame behind the VAD's stop waited, the transcript too, and a question
+        # the words alone settle was answered that much later. Its verdict now comes in the
+        # background; the words are judged the moment they arrive.
+        await self._cancel_analysis()
+        self._vad_user_speaking = False
+        self._vad_stopped = True
+        self._analysis = self.task_manager.create_task(
+            self._analyze(frame), f"{self}::end_of_turn")
+
+    async def _analyze(self, frame: VADUserStoppedSpeakingFrame) -> None:
+        try:
+            await super()._handle_vad_user_stopped_speaking(frame)
+        finally:
+            if self._analysis is asyncio.current_task():
+                self._analysis = None
+
+    async def _cancel_analysis(self) -> None:
+        task, self._analysis = self._analysis, None
+        if task is not None and task is not asyncio.current_task():
+            await self.task_manager.cancel_task(task)
 
     async def _maybe_trigger_user_turn_stopped(self) -> None:
         decided = self._vad_stopped and self._transcript_finalized and self._text
@@ -132,7 +160,11 @@ class WordsAndAudioTurnStop(TurnAnalyzerUserTurnStopStrategy):
         # Not yet: hold the turn open (even if the audio said complete) for the rest.
         self._turn_complete = False
         await self._speculate()
+        deadline = self._speech_ended_at + wait
+        if self._words_timer is not None and deadline < self._words_deadline - 0.01:
+            await self._cancel_words_timer()  # Smart Turn's verdict came in and shortens it
         if self._words_timer is None:
+            self._words_deadline = deadline
             self._words_timer = self.task_manager.create_task(
                 self._end_after(wait - silence), f"{self}::words_timer")
 
