@@ -310,6 +310,10 @@ async def test_orchestrator_lost_mid_turn_still_answers_it(fast, replicas, speec
             start = time.monotonic()
             caller.say(read_wav(speech_wav))
             await bounded(watch.got_work.wait(), 40, "the turn's LLM request")
+            # The request may be speculative (sent while the turn is undecided, and dropped
+            # with the replica): the words are the session's once the turn has ended.
+            await caller.wait_for(lambda f: getattr(f, "state", None) == "user_ended", 10,
+                                  "the user's turn ending")
             doomed.signal(sig)  # the answer is 2 s away at the endpoint
             await bounded(answered(caller, start), 40, "the answer after the takeover")
             said = " ".join(h.frame.text for h in caller.frames_of(BotText, start))
