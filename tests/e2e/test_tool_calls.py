@@ -22,10 +22,14 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 async def scripted():
-    server = await ScriptedOpenAI([
-        Step(tool_calls=[{"name": "get_weather", "arguments": {"city": "Paris"}}]),
-        Step(text="It is sunny in Paris today."),
-    ]).start()
+    def model(body: dict) -> Step:
+        # By the request, as a model answers: a question may be asked twice (once speculated,
+        # withdrawn when it asks for a tool, then again once the turn has ended).
+        if any(m.get("role") == "tool" for m in body.get("messages", [])):
+            return Step(text="It is sunny in Paris today.")
+        return Step(tool_calls=[{"name": "get_weather", "arguments": {"city": "Paris"}}])
+
+    server = await ScriptedOpenAI(model).start()
     yield server
     await server.stop()
 
