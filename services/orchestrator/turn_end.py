@@ -88,6 +88,8 @@ class WordsAndAudioTurnStop(TurnAnalyzerUserTurnStopStrategy):
         self._analysis: asyncio.Task | None = None
         """Smart Turn's verdict on the segment that just ended, being worked out."""
         self._speculation: UserTurnSpeculation | None = None
+        self._unspeculable = ""
+        """Words the LLM refused to answer speculatively (a tool call): not tried twice."""
         self._register_event_handler("on_speculation_confirmed", sync=True)
         """The turn ended as speculated: the held answer is the turn's answer."""
 
@@ -95,7 +97,10 @@ class WordsAndAudioTurnStop(TurnAnalyzerUserTurnStopStrategy):
         if isinstance(frame, VADUserStoppedSpeakingFrame):
             self._speech_ended_at = frame.timestamp - frame.stop_secs
         elif isinstance(frame, EagerEndOfTurnCancelFrame):
-            # The LLM withdrew our speculation itself (it wanted to call a tool).
+            # The LLM withdrew our speculation itself (it wanted to call a tool): these words
+            # are answered at the turn's end, not speculated on again.
+            if self._speculation:
+                self._unspeculable = self._speculation.text
             self._speculation = None
         result = await super().process_frame(frame)
         if isinstance(frame, VADUserStartedSpeakingFrame):
@@ -109,6 +114,7 @@ class WordsAndAudioTurnStop(TurnAnalyzerUserTurnStopStrategy):
 
     async def _reset(self) -> None:
         self._turn_text = ""
+        self._unspeculable = ""
         await super()._reset()
         await self._withdraw()
 
@@ -186,6 +192,8 @@ class WordsAndAudioTurnStop(TurnAnalyzerUserTurnStopStrategy):
 
     async def _speculate(self) -> None:
         if not self.speculate or self._speculation or not self._turn_text:
+            return
+        if self._unspeculable and self._match.matches(self._unspeculable, self._turn_text):
             return
         self._speculation = UserTurnSpeculation(text=self._turn_text)
         await self.trigger_user_turn_inference_triggered(speculation=self._speculation)

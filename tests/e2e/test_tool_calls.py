@@ -20,12 +20,16 @@ from voxbus.talk import talk
 pytestmark = pytest.mark.slow
 
 
+def _tool_results(request: dict) -> list[dict]:
+    return [m for m in request.get("messages", []) if m.get("role") == "tool"]
+
+
 @pytest.fixture
 async def scripted():
     def model(body: dict) -> Step:
         # By the request, as a model answers: a question may be asked twice (once speculated,
         # withdrawn when it asks for a tool, then again once the turn has ended).
-        if any(m.get("role") == "tool" for m in body.get("messages", [])):
+        if _tool_results(body):
             return Step(text="It is sunny in Paris today.")
         return Step(tool_calls=[{"name": "get_weather", "arguments": {"city": "Paris"}}])
 
@@ -63,9 +67,13 @@ async def test_tool_call_round_trip(settings, scripted, speech_wav):
     assert calls == [{"city": "Paris"}]
     assert turn.bot_text == "It is sunny in Paris today.", turn
     assert turn.reply_audio_s > 0.5
-    assert len(scripted.requests) == 2
-    first, second = scripted.requests
-    assert [t["function"]["name"] for t in first["tools"]] == ["get_weather"]
-    tool_messages = [m for m in second["messages"] if m["role"] == "tool"]
-    assert tool_messages and "sunny" in tool_messages[0]["content"]
+    # The question may have been asked once or twice (a speculative request that asked for the
+    # tool is withdrawn, never run); the function ran once and its result was asked about once.
+    asked = [r for r in scripted.requests if not _tool_results(r)]
+    answered = [r for r in scripted.requests if _tool_results(r)]
+    assert 1 <= len(asked) <= 2, scripted.requests
+    assert all([t["function"]["name"] for t in r["tools"]] == ["get_weather"] for r in asked)
+    assert len(answered) == 1, scripted.requests
+    assert "sunny" in _tool_results(answered[0])[0]["content"]
+    assert scripted.requests[-1] is answered[0]
     await asyncio.sleep(0)
