@@ -62,7 +62,7 @@ class EchoGate:
         ref = self._reference_between(start, now)
         if ref is None:
             return pcm
-        score, lag = self._correlation(self._mic, ref)
+        score, lag = self._correlation(self._mic, ref, min_rms=self.min_rms / 4)
         if score < self.threshold:
             return pcm
         # The mic window ends at `now`; it matched the reference starting at `lag`.
@@ -88,8 +88,14 @@ class EchoGate:
         return out if heard and np.any(out) else None
 
     @staticmethod
-    def _correlation(mic: np.ndarray, ref: np.ndarray) -> tuple[float, int]:
-        """Best normalised correlation of ``mic`` with a slice of ``ref``, and where it starts."""
+    def _correlation(mic: np.ndarray, ref: np.ndarray, *,
+                     min_rms: float) -> tuple[float, int]:
+        """Best normalised correlation of ``mic`` with a slice of ``ref``, and where it starts.
+
+        Only slices of ``ref`` at least ``min_rms`` loud count: a slice from before the agent
+        began is zeros, and the FFT's rounding noise over its near-zero norm once scored in the
+        hundreds, so the user talking in the first half second of a reply was taken for echo.
+        """
         m = mic - mic.mean()
         m_norm = float(np.sqrt(np.dot(m, m)))
         if m_norm < 1e-3 * mic.size or ref.size < mic.size:
@@ -98,7 +104,10 @@ class EchoGate:
         dots = np.fft.irfft(np.fft.rfft(ref, size) * np.conj(np.fft.rfft(m, size)), size)
         dots = dots[: ref.size - mic.size + 1]
         energy = np.cumsum(np.concatenate([[0.0], ref.astype(np.float64) ** 2]))
-        ref_norm = np.sqrt(np.maximum(energy[mic.size:] - energy[:-mic.size], 1e-9))
-        scores = dots / (ref_norm * m_norm)
+        slice_energy = energy[mic.size:] - energy[:-mic.size]
+        loud = slice_energy >= mic.size * min_rms ** 2
+        if not loud.any():
+            return 0.0, 0
+        scores = np.where(loud, dots / (np.sqrt(np.maximum(slice_energy, 1.0)) * m_norm), 0.0)
         best = int(np.argmax(scores))
         return float(scores[best]), best

@@ -16,14 +16,17 @@ def pcm16(x: np.ndarray) -> bytes:
     return np.clip(x, -32768, 32767).astype("<i2").tobytes()
 
 
-def run(agent: np.ndarray, mic: np.ndarray, delay_s: float) -> float:
-    """Feed the agent's audio as reference and ``mic`` as input on one clock; share gated."""
+def run(agent: np.ndarray, mic: np.ndarray, delay_s: float, *, agent_from: int = 0) -> float:
+    """Feed the agent's audio as reference (from sample ``agent_from`` on: before it, the agent
+    was quiet and sent nothing) and ``mic`` as input on one clock; the share of voiced frames
+    gated."""
     gate = EchoGate()
     t0 = 100.0
     voiced = gated = 0
     for i in range(0, min(agent.size, mic.size) - FRAME, FRAME):
         now = t0 + i / 16000
-        gate.reference(pcm16(agent[i:i + FRAME]), play_at=now - delay_s)
+        if i >= agent_from:
+            gate.reference(pcm16(agent[i:i + FRAME]), play_at=now - delay_s)
         frame = mic[i:i + FRAME]
         if np.sqrt(np.mean(frame ** 2)) < 300:  # only frames where something is heard
             gate.filter(pcm16(frame), now=now)
@@ -58,6 +61,16 @@ def test_agent_echo_is_gated(voices, delay_s):
 def test_user_alone_passes(voices):
     agent, user = voices
     assert run(agent, user, 0.0) < 0.1
+
+
+@pytest.mark.parametrize("after_s", [0.1, 0.2, 0.4])
+def test_user_just_after_the_agent_began_passes(voices, after_s):
+    """Barge-in in the first moments of a reply: most plausible echo delays then point at
+    time before the agent spoke, where there is no reference at all."""
+    agent, user = voices
+    onset = int(np.argmax(np.abs(user) > 300))  # the user's first voiced sample
+    start = max(0, onset - int(after_s * 16000))
+    assert run(agent, user, 0.0, agent_from=start) < 0.1
 
 
 def test_user_over_the_agents_echo_passes(voices):
