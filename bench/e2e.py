@@ -36,6 +36,17 @@ One run prints one table per part (``--only`` picks parts; ``--json`` gives the 
     hearing the agent. The last ``AudioOut`` of the interrupted turn received is shown too,
     and any of its audio that came after the flush.
 
+``webrtc``: barge-in as a browser hears it. The same question and interruptions, spoken by an
+    aiortc peer (``services/media_gateway/client.py``'s ``GatewayClient``: Opus both ways)
+    into a fresh session through the media gateway (``--nats``: the running system's, at
+    ``--gateway-url``; else ``python -m voxbus.cli gateway`` started on a free port, on the
+    bench's NATS and prefix). The interruption starts 0.2-0.8 s after the peer began hearing
+    the reply. Measured from its onset (the first voiced frame the peer's mic sent to its
+    encoder) to the last loud 20 ms of the interrupted reply the peer received, decoded: where
+    it stops hearing the agent. The interrupted reply is told from the answer to the
+    interruption by the session's ``AudioOut`` turns on the bus (``bench/webrtc_barge.py``),
+    where the ``AudioFlush`` and the VAD's start are timed too.
+
 ``bus``: what the NATS split costs. The session pipeline built by
     ``services.orchestrator.pipeline.conversation`` (the orchestrator's one function) with the
     stages in this process (``make_stt_service``, ``make_llm_service``, ``make_tts_service`` and
@@ -72,13 +83,16 @@ import utterances as U
 from pipecat.processors.aggregators.llm_context import LLMContext
 from sessions import FIGURES, BusSession, Heard, Mic, TimedOutput, until, wait_reply
 from stock_pipecat import StockSession, describe, load_models
+from webrtc_barge import Gateway, webrtc_turn
 
 from voxbus.audio import WIRE_RATE
 from voxbus.config import Settings
 from voxbus.llm_server import MODEL_ALIAS, LocalLlmServer
 from voxbus.turns import word_errors
 
-PARTS = ("e2e", "pauses", "barge", "bus")
+PARTS = ("e2e", "pauses", "barge", "webrtc", "bus")
+STOCK_PARTS = ("e2e", "pauses")
+"""The parts that run stock Pipecat (its models are loaded only for them)."""
 
 
 def log(msg: str) -> None:
@@ -90,8 +104,8 @@ def log(msg: str) -> None:
 
 class Systems:
     """What the parts run against: the voxbus stack (started here unless ``--nats``), the LLM
-    endpoint, stock Pipecat's settings, and for the bus part a second stack on a fixed-latency
-    endpoint."""
+    endpoint, stock Pipecat's settings, for the bus part a second stack on a fixed-latency
+    endpoint, and for the webrtc part a media gateway."""
 
     def __init__(self, args):
         self.args = args
@@ -102,8 +116,9 @@ class Systems:
         self.model = ""
         self.settings: Settings | None = None
         self.fixed: dict | None = None
+        self.gateway: str | None = None
 
-    async def start(self) -> None:
+    async def start(self, stock: bool = True) -> None:
         env = Settings()
         self.base_url = env.openai_base_url if self.url else ""
         self.model = env.llm_model
@@ -123,7 +138,8 @@ class Systems:
         from services.stt.engine import warm_up
 
         await asyncio.to_thread(warm_up, self.settings)
-        await asyncio.to_thread(load_models)
+        if stock:
+            await asyncio.to_thread(load_models)
         if self.args.nats is None:
             await self._workers(self.settings, self.base_url)
 
@@ -160,6 +176,17 @@ class Systems:
         await self._workers(settings, base_url)
         self.fixed = {"base_url": base_url, "prefix": prefix, "settings": settings}
         return self.fixed
+
+    async def gateway_url(self) -> str:
+        """The running system's gateway (``--gateway-url``), or one started here."""
+        if self.gateway is None:
+            if self.args.nats:
+                self.gateway = self.args.gateway_url
+            else:
+                gw = Gateway()
+                self.stack.append(gw)
+                self.gateway = await gw.start(self.url, self.prefix)
+        return self.gateway
 
     async def stop(self) -> None:
         for thing in reversed(self.stack):
@@ -401,6 +428,25 @@ async def part_barge(sys_: Systems, voices: U.Voices, specs: list[str], n: int,
         records.append({**rec, "voice": spec, "text": words})
 
 
+async def part_webrtc(sys_: Systems, voices: U.Voices, specs: list[str], n: int,
+                      records: list) -> None:
+    url = await sys_.gateway_url()
+    log(f"webrtc: {n} interruptions through the gateway at {url}")
+    for i in range(n):
+        spec = specs[i % len(specs)]
+        question = await asyncio.to_thread(voices.say, spec, U.BARGE_QUESTION)
+        words = U.INTERRUPTIONS[i % len(U.INTERRUPTIONS)]
+        interruption = await asyncio.to_thread(voices.say, spec, words)
+        log(f"[{i + 1}/{n}] {spec} {words!r}")
+        rec = await webrtc_turn(url, sys_.url, sys_.prefix, i, U.silence(U.LEAD_S) + question,
+                                U.trim(interruption), sys_.args.timeout)
+        log(f"    webrtc {i}: {rec['status']} onset->heard stop "
+            f"{rec.get('onset_to_heard_stop')} ms, onset->flush {rec.get('onset_to_flush')} ms, "
+            f"flush->heard stop {rec.get('flush_to_heard_stop')} ms"
+            + "".join(f"  {e}" for e in rec["errors"]))
+        records.append({**rec, "voice": spec, "text": words})
+
+
 async def part_bus(sys_: Systems, utts: list[U.Utterance], records: list) -> None:
     fixed = await sys_.start_fixed()
     log(f"bus: {len(utts)} utterances, split vs in-process, fixed-latency LLM "
@@ -490,6 +536,17 @@ def summarize(records: list[dict]) -> dict:
             "quiet_onset_to_vad": pct(r.get("quiet_onset_to_vad") for r in st),
             "onset_to_last_audio": pct(r.get("onset_to_last_audio") for r in st),
             "audio_after_flush": sum(r.get("audio_after_flush", 0) for r in st)}
+    web = [r for r in records if r["part"] == "webrtc"]
+    if web:
+        st = [r for r in web if r["status"] in ("stopped", "not_stopped")]
+        out["webrtc"] = {
+            "attempts": len(web), "barged_in": len(st),
+            **{k: sum(r["status"] == k for r in web)
+               for k in ("stopped", "not_stopped", "missed", "unanswered")},
+            "failed": sum(r["status"] == "error" for r in web),
+            **{k: pct(r.get(k) for r in st) for k in (
+                "quiet_onset_to_vad", "onset_to_vad", "onset_to_flush", "onset_to_heard_stop",
+                "flush_to_heard_stop")}}
     bus = [r for r in records if r["part"] == "bus"]
     if bus:
         pairs: dict[int, dict] = {}
@@ -586,8 +643,23 @@ def report(meta: dict, summary: dict) -> str:
                 f"{b['missed']} missed (its reply had ended), {b['unanswered']} unanswered, "
                 f"{b['failed']} failed; {b['audio_after_flush']} audio chunks of an interrupted "
                 "turn arrived after its flush", ""]
+    if w := summary.get("webrtc"):
+        out.append("4. barge-in over WebRTC: interruption onset (first voiced frame the peer's "
+                   "mic sent) to the last of the agent's audio the peer heard (target p95 <= 300)")
+        rows = [["measure", "p50", "p95", "n"]]
+        for key, name in (("quiet_onset_to_vad", "(the question, agent quiet: onset -> VAD)"),
+                          ("onset_to_vad", "onset -> VAD 'started' event"),
+                          ("onset_to_flush", "onset -> AudioFlush (bus)"),
+                          ("onset_to_heard_stop", "onset -> last agent audio heard (WebRTC)"),
+                          ("flush_to_heard_stop", "AudioFlush -> last agent audio heard")):
+            rows.append([name, _ms(w[key]["p50"]), _ms(w[key]["p95"]), str(w[key]["n"])])
+        out += [grid(rows),
+                f"  {w['attempts']} attempts: {w['barged_in']} spoken over the agent's audio "
+                f"({w['stopped']} stopped, {w['not_stopped']} NOT stopped within 3 s), "
+                f"{w['missed']} missed (the peer was not hearing the agent), {w['unanswered']} "
+                f"unanswered, {w['failed']} failed", ""]
     if x := summary.get("bus"):
-        out.append("4. the bus's cost: split minus the same pipeline in one process "
+        out.append("5. the bus's cost: split minus the same pipeline in one process "
                    "(services.orchestrator.pipeline.conversation), fixed-latency LLM, paired "
                    "(target <= 10 p50)")
         rows = [["e2e_latency", "p50", "p95", "n"]]
@@ -645,12 +717,14 @@ async def main(args) -> None:
         n_pauses = args.pauses or (3 if args.quick else len(U.PAUSED))
         paused = await asyncio.to_thread(U.paused, voices, specs, n_pauses, args.pause_style)
         try:
-            await sys_.start()
-            stock = await asyncio.to_thread(describe)
+            with_stock = any(p in STOCK_PARTS for p in parts)
+            await sys_.start(stock=with_stock)
+            stock = await asyncio.to_thread(describe) if with_stock else []
             log("\n".join(stock))
-            log(f"warm-up (voxbus via {sys_.url}, stock)")
+            log(f"warm-up (voxbus via {sys_.url}{', stock' if with_stock else ''})")
             await run_turn(sys_, "voxbus", "warm-up", utts[0])
-            await run_turn(sys_, "stock", "warm-up", utts[0])
+            if with_stock:
+                await run_turn(sys_, "stock", "warm-up", utts[0])
             if "e2e" in parts:
                 await part_e2e(sys_, utts, records)
             if "pauses" in parts:
@@ -658,6 +732,9 @@ async def main(args) -> None:
             if "barge" in parts:
                 await part_barge(sys_, voices, specs, args.barge or (2 if args.quick else 8),
                                  records)
+            if "webrtc" in parts:
+                await part_webrtc(sys_, voices, specs, args.webrtc or (2 if args.quick else 6),
+                                  records)
             if "bus" in parts:
                 n = args.bus or (2 if args.quick else len(utts))
                 await part_bus(sys_, utts[:n], records)
@@ -682,8 +759,8 @@ if __name__ == "__main__":
                         help=f"parts to run, comma-separated (default all: {','.join(PARTS)})")
     parser.add_argument("--turns", type=int, default=1, help="passes over the questions (e2e)")
     parser.add_argument("--quick", action="store_true",
-                        help="a smoke run: one question per voice, 3 pauses, 2 barge-ins, 2 "
-                        "bus pairs")
+                        help="a smoke run: one question per voice, 3 pauses, 2 barge-ins (bus "
+                        "and WebRTC each), 2 bus pairs")
     parser.add_argument("--voices", default=U.DEFAULT_VOICES,
                         help="comma-separated: piper, espeak:VOICE[@WPM] (default %(default)s)")
     parser.add_argument("--wavs", action="append", metavar="DIR",
@@ -694,6 +771,9 @@ if __name__ == "__main__":
                         help="how the pause is made (default: alternately inside and joined)")
     parser.add_argument("--barge", type=int, default=0,
                         help="interruptions (default 8, 2 with --quick)")
+    parser.add_argument("--webrtc", type=int, default=0,
+                        help="interruptions through the WebRTC gateway (default 6, 2 with "
+                        "--quick)")
     parser.add_argument("--bus", type=int, default=0,
                         help="bus-cost pairs (default: every question, 2 with --quick)")
     parser.add_argument("--timeout", type=float, default=15.0,
@@ -705,6 +785,9 @@ if __name__ == "__main__":
     parser.add_argument("--nats", default=None, help="a running system (voxbus up); default: "
                         "start nats-server, the LLM endpoint and all workers in-process")
     parser.add_argument("--prefix", default="vox", help="subject prefix of the --nats system")
+    parser.add_argument("--gateway-url", default="http://127.0.0.1:8080",
+                        help="the --nats system's media gateway (webrtc part; default "
+                        "%(default)s)")
     parser.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
                         help="the raw numbers as JSON: to FILE, or alone to stdout (the tables "
                         "then go to stderr)")

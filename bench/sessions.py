@@ -198,12 +198,21 @@ class BusSession:
         self.mic: Mic | None = None
         self._seq = 0
 
-    async def __aenter__(self) -> BusSession:
+    async def listen(self) -> None:
+        """Connect and note what the session's subjects carry into ``heard``; alone, for a
+        session someone else started (a gateway's)."""
         self.bus = await Bus.connect(self.nats_url, self.subjects, "bench-e2e", attempts=3)
         try:
             for subject in (self.subjects.audio_out(self.session),
                             self.subjects.events(self.session), self.subjects.ctl(self.session)):
                 await self.bus.subscribe(subject, self._on_frame)
+        except BaseException:
+            await self.bus.close()
+            raise
+
+    async def __aenter__(self) -> BusSession:
+        await self.listen()
+        try:
             await ask(self.bus, Stage.ORCHESTRATOR, SessionStart(
                 session=self.session, sample_rate=WIRE_RATE, agent=self.agent), timeout_s=15.0)
         except BaseException:

@@ -2,7 +2,10 @@
 
 It fetches a token, offers one audio track (fed from PCM you queue with :meth:`say`, silence
 otherwise, paced in real time) and the "events" data channel, and collects what comes back: the
-page's JSON events and the agent's audio, decoded.
+page's JSON events and the agent's audio, decoded. For timing, the mic notes when each 20 ms
+frame of queued speech left for the encoder (``MicTrack.sent``) and the receiver when each 20 ms
+of the agent's audio arrived decoded, with its loudness (``GatewayClient.heard``); times are
+``time.monotonic()`` seconds.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ import time
 
 import aiohttp
 import av
-import numpy as np
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
 from services.media_gateway.audio_tracks import FRAME_BYTES, PacedTrack
-from voxbus.audio import WIRE_RATE
+from voxbus.audio import WIRE_RATE, rms
+
+LOUD_RMS = 200.0
+"""Agent audio louder than this (PCM16 RMS) is the agent heard talking, not silence."""
 
 
 class GatewayError(RuntimeError):
@@ -35,6 +40,9 @@ class MicTrack(PacedTrack):
     def __init__(self):
         super().__init__()
         self._queue = bytearray()
+        self.sent: list[tuple[float, float]] = []
+        """(when it left for the encoder, its RMS) for each 20 ms frame of queued PCM; the
+        silence sent while nothing is queued is not listed."""
 
     def say(self, pcm: bytes) -> float:
         """Queue speech; returns how long until it has all been sent, in seconds."""
@@ -47,8 +55,11 @@ class MicTrack(PacedTrack):
 
     async def recv(self) -> av.AudioFrame:
         pts = await self._wait_for_slot()
+        queued = bool(self._queue)
         chunk = bytes(self._queue[:FRAME_BYTES]).ljust(FRAME_BYTES, b"\0")
         del self._queue[:FRAME_BYTES]
+        if queued:
+            self.sent.append((time.monotonic(), rms(chunk)))
         return self._pcm_frame(chunk, pts)
 
 
@@ -63,6 +74,9 @@ class GatewayClient:
         self.agent_audio = bytearray()
         self.loud_frames = 0
         self.first_loud_at: float | None = None
+        self.heard: list[tuple[float, float]] = []
+        """(when it arrived, its RMS) for each 20 ms of the agent's audio, decoded."""
+        self._heard_pending = bytearray()
         self._resampler = av.AudioResampler(format="s16", layout="mono", rate=WIRE_RATE)
         self._tasks: list[asyncio.Task] = []
         self._http = aiohttp.ClientSession()
@@ -106,14 +120,18 @@ class GatewayClient:
                 frame = await track.recv()
             except MediaStreamError:
                 return
+            now = time.monotonic()
             for out in self._resampler.resample(frame):
                 pcm = bytes(out.planes[0])[: out.samples * 2]
                 self.agent_audio += pcm
-                rms = float(np.sqrt(np.mean(np.frombuffer(pcm, "<i2").astype(np.float32) ** 2)))
-                if rms > 200:
+                if rms(pcm) > LOUD_RMS:
                     self.loud_frames += 1
                     if self.first_loud_at is None:
-                        self.first_loud_at = time.monotonic()
+                        self.first_loud_at = now
+                self._heard_pending += pcm
+                while len(self._heard_pending) >= FRAME_BYTES:
+                    self.heard.append((now, rms(self._heard_pending[:FRAME_BYTES])))
+                    del self._heard_pending[:FRAME_BYTES]
 
     def texts(self, role: str) -> str:
         return " ".join(e["text"] for e in self.events
