@@ -65,4 +65,17 @@ async def test_a_conjunction_after_enough_words_starts_the_next_clause():
     text = "The sky is blue because of Rayleigh scattering. So it is."
     assert await spoken(tokens(text)) == [
         "The sky is blue", "because of Rayleigh scattering.", "So it is."]
-    assert await spoken(tokens("Cats and dogs are pets.")) == ["Cats and dogs are pets."]
+
+
+@pytest.mark.parametrize("text,first", [
+    ("The capital of France is Paris.", "The capital of France"),
+    ("Le Grand Paris is the capital of France.", "Le Grand Paris"),
+    ("I can book a table for you tonight.", "I can book a table"),
+    # Too few words before the break: said whole.
+    ("A spider has eight legs.", "A spider has eight legs."),
+    ("Cats and dogs make good pets.", "Cats and dogs make good pets."),
+])
+async def test_a_phrase_break_after_enough_words_starts_speaking(text, first):
+    out = await spoken(tokens(text))
+    assert out[0] == first
+    assert " ".join(out) == text
