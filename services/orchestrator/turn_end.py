@@ -7,7 +7,8 @@ transcript tells these apart, Whisper having punctuated what it heard:
 
 * words that dangle ("...a table for", "and", "um,", "..."): wait the whole fallback;
 * words that end a question ("...in Tokyo?"): end after ``question_stop_s`` of silence,
-  unless it only leads in to one ("Can you tell me?"), which waits like a statement;
+  unless it only leads in to one ("Can you tell me?"), which waits like a statement; a
+  request ("Tell me a fun fact about cats.") is a question with a full stop;
 * anything else: after ``statement_stop_s`` if Smart Turn heard an end, else the fallback.
   Whisper ends a fragment with a full stop too, so a statement waits out a pause longer
   than the ones people make inside a sentence (0.4-1.0 s).
@@ -45,7 +46,23 @@ i'm it's i'd i'll we're you're um uh er hmm like very really just
 LEAD_INS = frozenset("me us you know if whether wondering think".split())
 """Last words of a question that usually introduces the real one ("Can you tell me...")."""
 
+REQUEST_VERBS = frozenset("""
+tell give show explain describe list name recommend suggest read play sing say find teach
+help remind translate summarize summarise define spell repeat
+""".split())
+"""First words of a request ("Tell me a fun fact about cats."): finished the way a question
+is, though Whisper ends it with a full stop."""
+
+REQUEST_OPENERS = frozenset("please okay ok so now just".split())
+"""Words a request may start with before its verb ("Please tell me...")."""
+
 _WORDS = re.compile(r"[a-z0-9']+")
+
+
+def _is_request(words: list[str]) -> bool:
+    while words and words[0] in REQUEST_OPENERS:
+        words = words[1:]
+    return len(words) >= 4 and words[0] in REQUEST_VERBS
 
 
 def words_wait(text: str, audio_complete: bool, *, question_s: float, statement_s: float,
@@ -61,6 +78,8 @@ def words_wait(text: str, audio_complete: bool, *, question_s: float, statement_
     if text.endswith("?"):
         # "Can you tell me?" ... "what the weather is like": a lead-in, not the question.
         return statement_s if words[-1] in LEAD_INS else question_s
+    if text.endswith((".", "!")) and _is_request(words):
+        return question_s  # "Tell me a fun fact about cats.": asked, as a question is
     # A statement, or words Whisper left unpunctuated. Whisper ends a fragment with a full
     # stop too ("I'd like to book a table." before "...for four"), and Smart Turn called
     # that one complete at 0.94: a statement waits out a pause of a second either way.

@@ -19,7 +19,12 @@ WAITS = dict(question_s=0.3, statement_s=1.3, fallback_s=1.5)
     ("Um,", True, 1.5),
     ("I'd like to book a table.", True, 1.3),     # a fragment Whisper punctuated
     ("I'd like to book a table.", False, 1.5),
-    ("Tell me a fun fact about cats", True, 1.3),
+    ("Tell me a fun fact about cats", True, 1.3),  # unpunctuated: maybe not finished
+    ("Tell me a fun fact about cats.", False, 0.3),  # a request, asked like a question
+    ("Please give me three ideas for dinner!", True, 0.3),
+    ("Tell me about.", True, 1.5),                 # dangling, request or not
+    ("Tell me more.", True, 1.3),                  # too short to be sure it is all
+    ("I'd like you to tell me a story.", True, 1.3),  # a statement that contains one
     ("Can you tell me?", True, 1.3),               # a lead-in to the real question
     ("", True, None),                              # no words: Smart Turn alone
 ])
