@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipecat.audio.turn.smart_turn.base_smart_turn import SmartTurnParams
-from pipecat.audio.turn.smart_turn.local_smart_turn_v3 import LocalSmartTurnAnalyzerV3
 from pipecat.audio.vad.silero import SileroVADAnalyzer
 from pipecat.audio.vad.vad_analyzer import VADParams
 from pipecat.processors.aggregators.llm_context import LLMContext
@@ -34,7 +33,7 @@ from pipecat.turns.user_turn_strategies import UserTurnStrategies
 
 from services.orchestrator.agent import TurnSettings
 from services.orchestrator.first_clause import speak_first_clause
-from services.orchestrator.turn_end import WordsAndAudioTurnStop
+from services.orchestrator.turn_end import WordsAndAudioTurnStop, WordsFirstSmartTurn
 from voxbus.config import Settings
 
 
@@ -61,7 +60,7 @@ def conversation(*, context: LLMContext, turn: TurnSettings, settings: Settings,
     turn_stop_s = turn.turn_stop_s or settings.turn_stop_s
     vad_stop_s = turn.vad_stop_s or settings.vad_stop_s
     stop = WordsAndAudioTurnStop(
-        turn_analyzer=LocalSmartTurnAnalyzerV3(params=SmartTurnParams(stop_secs=turn_stop_s)),
+        turn_analyzer=WordsFirstSmartTurn(params=SmartTurnParams(stop_secs=turn_stop_s)),
         question_stop_s=turn.question_stop_s or settings.turn_question_stop_s,
         statement_stop_s=turn.statement_stop_s or settings.turn_statement_stop_s,
         fallback_stop_s=turn_stop_s, speculate=settings.speculate)

@@ -21,9 +21,12 @@ the turn ends, and dropped if the user goes on), so the wait costs the LLM nothi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 
+from pipecat.audio.turn.base_turn_analyzer import EndOfTurnState
+from pipecat.audio.turn.smart_turn.local_smart_turn_v3 import LocalSmartTurnAnalyzerV3
 from pipecat.frames.frames import (
     EagerEndOfTurnCancelFrame,
     Frame,
@@ -86,6 +89,33 @@ def words_wait(text: str, audio_complete: bool, *, question_s: float, statement_
     return statement_s if audio_complete else fallback_s
 
 
+WORDS_GRACE_S = 0.06
+"""How long Smart Turn waits, after the VAD's stop, for the segment's transcript to say
+whether its verdict matters (an early transcript is there within a few ms)."""
+
+
+class WordsFirstSmartTurn(LocalSmartTurnAnalyzerV3):
+    """Smart Turn v3 that runs its model only when the words leave the verdict open.
+
+    A question ("...in Tokyo?") or a request ends on its words whatever the audio sounded
+    like; its ~100 ms of inference would only take a core from the LLM, which is evaluating
+    the speculated answer's prompt at that very moment.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.verdict_needed = lambda: True
+        """Set by the stop strategy: False when the transcript alone decides."""
+        self.skipped = 0
+
+    async def analyze_end_of_turn(self):
+        if self.verdict_needed():
+            return await super().analyze_end_of_turn()
+        self.skipped += 1
+        self.clear()  # as a "complete" verdict clears the segment's audio
+        return EndOfTurnState.COMPLETE, None
+
+
 class WordsAndAudioTurnStop(TurnAnalyzerUserTurnStopStrategy):
     """Smart Turn's stop strategy, with the transcript's say (see the module docstring)."""
 
@@ -106,6 +136,10 @@ class WordsAndAudioTurnStop(TurnAnalyzerUserTurnStopStrategy):
         """When the running words timer ends the turn (time.time())."""
         self._analysis: asyncio.Task | None = None
         """Smart Turn's verdict on the segment that just ended, being worked out."""
+        self._words_in = asyncio.Event()
+        """This segment's final transcript has arrived (cleared when the user speaks)."""
+        if isinstance(self._turn_analyzer, WordsFirstSmartTurn):
+            self._turn_analyzer.verdict_needed = self._verdict_needed
         self._speculation: UserTurnSpeculation | None = None
         self._unspeculable = ""
         """Words the LLM refused to answer speculatively (a tool call): not tried twice."""
@@ -123,12 +157,14 @@ class WordsAndAudioTurnStop(TurnAnalyzerUserTurnStopStrategy):
             self._speculation = None
         result = await super().process_frame(frame)
         if isinstance(frame, VADUserStartedSpeakingFrame):
+            self._words_in.clear()
             await self._withdraw()
         return result
 
     async def _handle_transcription(self, frame) -> None:
         if frame.finalized and frame.text.strip():
             self._turn_text = f"{self._turn_text} {frame.text.strip()}".strip()
+            self._words_in.set()
         await super()._handle_transcription(frame)
 
     async def _reset(self) -> None:
@@ -155,10 +191,24 @@ class WordsAndAudioTurnStop(TurnAnalyzerUserTurnStopStrategy):
 
     async def _analyze(self, frame: VADUserStoppedSpeakingFrame) -> None:
         try:
+            if not self._words_in.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._words_in.wait(), WORDS_GRACE_S)
             await super()._handle_vad_user_stopped_speaking(frame)
         finally:
             if self._analysis is asyncio.current_task():
                 self._analysis = None
+
+    def _words_wait(self, text: str, audio_complete: bool) -> float | None:
+        return words_wait(text, audio_complete, question_s=self.question_stop_s,
+                          statement_s=self.statement_stop_s, fallback_s=self.fallback_stop_s)
+
+    def _verdict_needed(self) -> bool:
+        """Whether Smart Turn's verdict could change how long this turn waits."""
+        if not (self._words_in.is_set() and self._turn_text):
+            return True
+        waits = {self._words_wait(self._turn_text, complete) for complete in (True, False)}
+        return len(waits) != 1 or None in waits
 
     async def _cancel_analysis(self) -> None:
         task, self._analysis = self._analysis, None
@@ -173,8 +223,9 @@ class WordsAndAudioTurnStop(TurnAnalyzerUserTurnStopStrategy):
         if silence >= self.fallback_stop_s - 0.05:
             # Smart Turn's own silence fallback (or ours) has run out: the turn is over.
             return await super()._maybe_trigger_user_turn_stopped()
-        wait = words_wait(self._text, self._turn_complete, question_s=self.question_stop_s,
-                          statement_s=self.statement_stop_s, fallback_s=self.fallback_stop_s)
+        # The whole turn: a request's verb may be in its first segment ("Tell me a fact." ...
+        # "about cats."), a dangling end is in its last.
+        wait = self._words_wait(self._turn_text or self._text, self._turn_complete)
         if wait is None:
             if not self._turn_complete:
                 await self._speculate()  # Smart Turn's silence fallback will decide

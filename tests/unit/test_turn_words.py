@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from pipecat.audio.turn.base_turn_analyzer import EndOfTurnState
 
 from services.orchestrator.first_clause import FirstClauseAggregator
-from services.orchestrator.turn_end import words_wait
+from services.orchestrator.turn_end import WordsAndAudioTurnStop, WordsFirstSmartTurn, words_wait
 
 WAITS = dict(question_s=0.3, statement_s=1.3, fallback_s=1.5)
 
@@ -84,3 +85,36 @@ async def test_a_phrase_break_after_enough_words_starts_speaking(text, first):
     out = await spoken(tokens(text))
     assert out[0] == first
     assert " ".join(out) == text
+
+
+def strategy_with(text: str) -> WordsAndAudioTurnStop:
+    stop = WordsAndAudioTurnStop(turn_analyzer=WordsFirstSmartTurn(), question_stop_s=0.3,
+                                 statement_stop_s=1.3, fallback_stop_s=1.5)
+    stop._turn_text = text
+    stop._words_in.set()
+    return stop
+
+
+@pytest.mark.parametrize("text, needed", [
+    ("What time is it in Tokyo?", False),      # a question: the words decide
+    ("Tell me a fun fact about cats.", False),  # a request
+    ("I'd like to book a table for", False),   # dangling: the whole fallback either way
+    ("I'd like to book a table.", True),       # a statement: the audio's say matters
+    ("", True),
+])
+async def test_smart_turn_runs_only_when_the_words_leave_it_open(text, needed):
+    stop = strategy_with(text)
+    analyzer = stop._turn_analyzer
+    assert analyzer.verdict_needed() is needed
+    analyzer.set_sample_rate(16000)
+    analyzer.append_audio(bytes(3200), is_speech=True)
+    state, _ = await analyzer.analyze_end_of_turn()
+    assert analyzer.skipped == (0 if needed else 1)
+    if not needed:
+        assert state is EndOfTurnState.COMPLETE
+
+
+async def test_smart_turn_waits_for_the_words_before_it_is_skipped():
+    stop = strategy_with("What time is it in Tokyo?")
+    stop._words_in.clear()  # the segment's transcript has not arrived yet
+    assert stop._turn_analyzer.verdict_needed()
