@@ -130,7 +130,7 @@ class WordsAndAudioTurnStop(TurnAnalyzerUserTurnStopStrategy):
         self._speech_ended_at: float | None = None
         """Wall time (the VAD's frame clock) the user's speech ended: VAD stop - stop_secs."""
         self._turn_text = ""
-        """Every finalized transcript of this turn, in order: what the LLM will be given."""
+        """Every transcript of this turn, in order: what the LLM will be given."""
         self._words_timer: asyncio.Task | None = None
         self._words_deadline = 0.0
         """When the running words timer ends the turn (time.time())."""
@@ -162,9 +162,12 @@ class WordsAndAudioTurnStop(TurnAnalyzerUserTurnStopStrategy):
         return result
 
     async def _handle_transcription(self, frame) -> None:
-        if frame.finalized and frame.text.strip():
+        if frame.text.strip():
+            # Not only finalized ones: a segment transcribed after the user went on is not
+            # final for the turn, but the user aggregator gives it to the LLM all the same.
             self._turn_text = f"{self._turn_text} {frame.text.strip()}".strip()
-            self._words_in.set()
+            if frame.finalized:
+                self._words_in.set()
         await super()._handle_transcription(frame)
 
     async def _reset(self) -> None:
