@@ -582,6 +582,19 @@ def _turns(c: dict) -> str:
             f"{c['failed']} failed, {c['with_errors']} with error events")
 
 
+def _barge_table(b: dict, title: str, measures: tuple, missed: str, tail: str) -> list[str]:
+    """A barge-in part's lines: the VAD's timings, then the part's own measures, then counts."""
+    rows = [["measure", "p50", "p95", "n"]]
+    for key, name in (("quiet_onset_to_vad", "(the question, agent quiet: onset -> VAD)"),
+                      ("onset_to_vad", "onset -> VAD 'started' event"), *measures):
+        rows.append([name, _ms(b[key]["p50"]), _ms(b[key]["p95"]), str(b[key]["n"])])
+    return [title, grid(rows),
+            f"  {b['attempts']} attempts: {b['barged_in']} spoken over the agent's audio "
+            f"({b['stopped']} stopped, {b['not_stopped']} NOT stopped within 3 s), "
+            f"{b['missed']} missed ({missed}), {b['unanswered']} unanswered, "
+            f"{b['failed']} failed{tail}", ""]
+
+
 def report(meta: dict, summary: dict) -> str:
     out = [f"voxbus bench/e2e.py  {meta['when']}  {meta['cores']} cores  "
            f"pipecat {meta['pipecat']}  (all figures in ms; n = samples)", *meta["stock"],
@@ -629,35 +642,22 @@ def report(meta: dict, summary: dict) -> str:
                 "(the first ends like a finished sentence). e2e is from the end of the second "
                 "half.", ""]
     if b := summary.get("barge"):
-        out.append("3. barge-in over the bus: interruption onset (first voiced frame sent) to "
-                   "the AudioFlush received (target p95 <= 300)")
-        rows = [["measure", "p50", "p95", "n"]]
-        for key, name in (("quiet_onset_to_vad", "(the question, agent quiet: onset -> VAD)"),
-                          ("onset_to_vad", "onset -> VAD 'started' event"),
-                          ("onset_to_flush", "onset -> AudioFlush"),
-                          ("onset_to_last_audio", "onset -> last AudioOut of the turn")):
-            rows.append([name, _ms(b[key]["p50"]), _ms(b[key]["p95"]), str(b[key]["n"])])
-        out += [grid(rows),
-                f"  {b['attempts']} attempts: {b['barged_in']} spoken over the agent's audio "
-                f"({b['stopped']} stopped, {b['not_stopped']} NOT stopped within 3 s), "
-                f"{b['missed']} missed (its reply had ended), {b['unanswered']} unanswered, "
-                f"{b['failed']} failed; {b['audio_after_flush']} audio chunks of an interrupted "
-                "turn arrived after its flush", ""]
+        out += _barge_table(
+            b, "3. barge-in over the bus: interruption onset (first voiced frame sent) to the "
+            "AudioFlush received (target p95 <= 300)",
+            (("onset_to_flush", "onset -> AudioFlush"),
+             ("onset_to_last_audio", "onset -> last AudioOut of the turn")),
+            "its reply had ended",
+            f"; {b['audio_after_flush']} audio chunks of an interrupted turn arrived after its "
+            "flush")
     if w := summary.get("webrtc"):
-        out.append("4. barge-in over WebRTC: interruption onset (first voiced frame the peer's "
-                   "mic sent) to the last of the agent's audio the peer heard (target p95 <= 300)")
-        rows = [["measure", "p50", "p95", "n"]]
-        for key, name in (("quiet_onset_to_vad", "(the question, agent quiet: onset -> VAD)"),
-                          ("onset_to_vad", "onset -> VAD 'started' event"),
-                          ("onset_to_flush", "onset -> AudioFlush (bus)"),
-                          ("onset_to_heard_stop", "onset -> last agent audio heard (WebRTC)"),
-                          ("flush_to_heard_stop", "AudioFlush -> last agent audio heard")):
-            rows.append([name, _ms(w[key]["p50"]), _ms(w[key]["p95"]), str(w[key]["n"])])
-        out += [grid(rows),
-                f"  {w['attempts']} attempts: {w['barged_in']} spoken over the agent's audio "
-                f"({w['stopped']} stopped, {w['not_stopped']} NOT stopped within 3 s), "
-                f"{w['missed']} missed (the peer was not hearing the agent), {w['unanswered']} "
-                f"unanswered, {w['failed']} failed", ""]
+        out += _barge_table(
+            w, "4. barge-in over WebRTC: interruption onset (first voiced frame the peer's mic "
+            "sent) to the last of the agent's audio the peer heard (target p95 <= 300)",
+            (("onset_to_flush", "onset -> AudioFlush (bus)"),
+             ("onset_to_heard_stop", "onset -> last agent audio heard (WebRTC)"),
+             ("flush_to_heard_stop", "AudioFlush -> last agent audio heard")),
+            "the peer was not hearing the agent", "")
     if x := summary.get("bus"):
         out.append("5. the bus's cost: split minus the same pipeline in one process "
                    "(services.orchestrator.pipeline.conversation), fixed-latency LLM, paired "
