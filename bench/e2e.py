@@ -415,16 +415,23 @@ async def part_pauses(sys_: Systems, utts: list[U.Utterance], records: list) -> 
             records.append(await run_turn(sys_, system, "pauses", u))
 
 
+async def _barge_speech(voices: U.Voices, specs: list[str], i: int,
+                        n: int) -> tuple[str, str, bytes, bytes]:
+    """Barge-in attempt ``i``'s voice, words, question (lead silence first) and interruption."""
+    spec = specs[i % len(specs)]
+    question = await asyncio.to_thread(voices.say, spec, U.BARGE_QUESTION)
+    words = U.INTERRUPTIONS[i % len(U.INTERRUPTIONS)]
+    interruption = await asyncio.to_thread(voices.say, spec, words)
+    log(f"[{i + 1}/{n}] {spec} {words!r}")
+    return spec, words, U.silence(U.LEAD_S) + question, U.trim(interruption)
+
+
 async def part_barge(sys_: Systems, voices: U.Voices, specs: list[str], n: int,
                      records: list) -> None:
     log(f"barge: {n} interruptions over the bus")
     for i in range(n):
-        spec = specs[i % len(specs)]
-        question = await asyncio.to_thread(voices.say, spec, U.BARGE_QUESTION)
-        words = U.INTERRUPTIONS[i % len(U.INTERRUPTIONS)]
-        interruption = await asyncio.to_thread(voices.say, spec, words)
-        log(f"[{i + 1}/{n}] {spec} {words!r}")
-        rec = await barge_turn(sys_, i, U.silence(U.LEAD_S) + question, U.trim(interruption))
+        spec, words, question, interruption = await _barge_speech(voices, specs, i, n)
+        rec = await barge_turn(sys_, i, question, interruption)
         records.append({**rec, "voice": spec, "text": words})
 
 
@@ -433,13 +440,9 @@ async def part_webrtc(sys_: Systems, voices: U.Voices, specs: list[str], n: int,
     url = await sys_.gateway_url()
     log(f"webrtc: {n} interruptions through the gateway at {url}")
     for i in range(n):
-        spec = specs[i % len(specs)]
-        question = await asyncio.to_thread(voices.say, spec, U.BARGE_QUESTION)
-        words = U.INTERRUPTIONS[i % len(U.INTERRUPTIONS)]
-        interruption = await asyncio.to_thread(voices.say, spec, words)
-        log(f"[{i + 1}/{n}] {spec} {words!r}")
-        rec = await webrtc_turn(url, sys_.url, sys_.prefix, i, U.silence(U.LEAD_S) + question,
-                                U.trim(interruption), sys_.args.timeout)
+        spec, words, question, interruption = await _barge_speech(voices, specs, i, n)
+        rec = await webrtc_turn(url, sys_.url, sys_.prefix, i, question, interruption,
+                                sys_.args.timeout)
         log(f"    webrtc {i}: {rec['status']} onset->heard stop "
             f"{rec.get('onset_to_heard_stop')} ms, onset->flush {rec.get('onset_to_flush')} ms, "
             f"flush->heard stop {rec.get('flush_to_heard_stop')} ms"
