@@ -19,7 +19,7 @@ from services.media_gateway.phone import CLOSE_PROTOCOL, CLOSE_UNAVAILABLE
 from services.media_gateway.worker import GatewayWorker
 from tests.faults.test_fuzz_frames import draw
 from tests.phone.provider_call import ProviderCall
-from tests.phone.test_twilio_call import BusWatch, final_text, released, started
+from tests.phone.test_twilio_call import final_text, live_call, released, started
 from voxbus.wire import ErrorEvent, SessionEnd
 
 
@@ -173,11 +173,7 @@ async def test_bad_messages_mid_call_are_reported_and_the_gateway_goes_on(gatewa
                                                                          lines):
     call = ProviderCall(gateway.url)
     try:
-        await call.answer()
-        session = call.parameters["session"]
-        watch = await BusWatch().watch(bus, session)
-        await call.connect()
-        await started(stages, session)
+        session, watch = await live_call(call, stages, bus)
         bad = ["{garbage", json.dumps({"event": "sing", "song": "la"}), json.dumps([1]),
                json.dumps({"event": "media", "media": {}}),
                json.dumps({"event": "media", "media": {"payload": "%%%notbase64"}}),
@@ -258,11 +254,7 @@ async def test_fuzzed_first_messages_are_refused_and_the_gateway_goes_on(lone_ga
 async def test_fuzzed_messages_mid_call_leave_the_call_working(gateway, stages, bus, lines):
     call = ProviderCall(gateway.url)
     try:
-        await call.answer()
-        session = call.parameters["session"]
-        watch = await BusWatch().watch(bus, session)
-        await call.connect()
-        await started(stages, session)
+        session, watch = await live_call(call, stages, bus)
         messages = [m for m in draw(MESSAGES, 60) if '"stop"' not in m][:15]  # < 20 bad ones
         for message in messages:
             await call.send(message)

@@ -82,6 +82,17 @@ async def started(stages, session: str) -> None:
                 f"the orchestrator starting session {session}")
 
 
+async def live_call(call: ProviderCall, stages, bus) -> tuple[str, BusWatch]:
+    """Answer the call, watch its session on the bus and open the stream; returns once the
+    orchestrator has the session."""
+    await call.answer()
+    session = call.parameters["session"]
+    watch = await BusWatch().watch(bus, session)
+    await call.connect()
+    await started(stages, session)
+    return session, watch
+
+
 async def test_twilio_call_turn_and_hang_up(gateway, stages, bus, lines):
     call = ProviderCall(gateway.url)
     try:
@@ -123,11 +134,7 @@ async def test_twilio_call_turn_and_hang_up(gateway, stages, bus, lines):
 async def test_barge_in_clears_twilio_buffer(gateway, stages, bus, lines):
     call = ProviderCall(gateway.url)
     try:
-        await call.answer()
-        session = call.parameters["session"]
-        watch = await BusWatch().watch(bus, session)
-        await call.connect()
-        await started(stages, session)
+        session, watch = await live_call(call, stages, bus)
 
         call.say(lines["story"])
         await call.wait_for(lambda c: c.audio_s() > 2.0, 60, "two seconds of the long reply")
